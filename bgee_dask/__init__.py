@@ -1,0 +1,34 @@
+"""bgee-dask: Bgee droplet scRNA-seq H5AD files as one Zarr atlas, queried with Dask.
+
+The public names are imported lazily so that ``import bgee_dask`` stays cheap (the CLI's
+``--help`` should not pay for numba and dask).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+__all__ = ["Atlas", "BgeeInputError", "__version__", "convert", "open_atlas"]
+
+_LAZY = {
+    "convert": ("bgee_dask.atlas.convert", "convert"),
+    "open_atlas": ("bgee_dask.query.atlas", "open_atlas"),
+    "Atlas": ("bgee_dask.query.atlas", "Atlas"),
+    "BgeeInputError": ("bgee_dask.schema", "BgeeInputError"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .atlas.convert import convert
+    from .query.atlas import Atlas, open_atlas
+    from .schema import BgeeInputError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'bgee_dask' has no attribute {name!r}")

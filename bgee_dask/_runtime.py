@@ -1,0 +1,39 @@
+"""Finding or starting a Dask client; the lowest layer, so that the API functions can default to one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+def current_client() -> Any | None:
+    """The ``distributed.Client`` this process is using, if any."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def local_client(n_workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Iterator[Any]:
+    """A throw-away local cluster of worker processes, closed on exit."""
+    from distributed import Client, LocalCluster
+
+    n = n_workers or os.cpu_count() or 1
+    kwargs.setdefault("dashboard_address", None)
+    kwargs.setdefault("host", "127.0.0.1")
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, **kwargs)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

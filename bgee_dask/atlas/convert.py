@@ -1,0 +1,314 @@
+"""Converting Bgee H5AD files into an atlas: atomic, idempotent, resumable, parallel.
+
+A store only becomes part of the atlas when its catalog fragment is written, and that happens
+after the store is complete; on local disk the store is also written under a temporary name
+and renamed into place. Re-running skips sources whose sha256 is already recorded. A killed
+run leaves at most a partial store without a fragment, which the next run replaces.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .._runtime import cpu_count, current_client, local_client
+from .._version import __version__
+from ..h5ad.source import H5adSource
+from ..schema import BgeeInputError, parse_bgee_filename
+from ..store.layout import store_relpath
+from ..store.writer import write_experiment
+from .catalog import Fragment, consolidate, read_fragment_record, remove_fragment, write_fragment
+from .location import AtlasLocation
+
+
+@dataclass
+class ConversionReport:
+    """The outcome for one source file."""
+
+    source: str
+    status: str  # "converted", "skipped" or "failed"
+    experiment_id: str | None = None
+    species: str | None = None
+    layout: str | None = None
+    n_cells: int | None = None
+    n_genes: int | None = None
+    nnz: int | None = None
+    bytes: int | None = None
+    seconds: float = 0.0
+    cpm_in_x: bool | None = None
+    store: str | None = None
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        """The one-line summary printed by the CLI."""
+        if self.status == "failed":
+            return f"FAILED {self.message}"
+        if self.status == "skipped":
+            return f"skipped {self.species}/{self.experiment_id}: {self.message}"
+        extra = " (CPM found in X; raw counts taken from layers['abundance'])" if self.cpm_in_x else ""
+        return (
+            f"converted {self.source} -> {self.store}: {self.n_cells} cells x {self.n_genes} genes, "
+            f"layout {self.layout}, {self.seconds:.1f}s{extra}"
+        )
+
+
+def find_sources(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files as given, folders searched recursively for ``.h5ad``; sorted, without repeats."""
+    found: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            for dirpath, _dirs, files in os.walk(p):
+                found.extend(os.path.join(dirpath, f) for f in files if f.endswith(".h5ad"))
+        else:
+            found.append(p)
+    return sorted(dict.fromkeys(os.path.abspath(f) for f in found))
+
+
+def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identify(path: str, experiment_id: str | None, species: str | None) -> tuple[str, str] | None:
+    """(species, experiment) from the file name when possible, else by opening the file."""
+    named = parse_bgee_filename(path)
+    if named and experiment_id is None and species is None:
+        return named
+    try:
+        with H5adSource(path, experiment_id=experiment_id, species=species) as src:
+            return src.species, src.experiment_id
+    except BgeeInputError:
+        return None  # the conversion itself will report the problem
+
+
+def convert_file(
+    path: str,
+    loc: AtlasLocation,
+    *,
+    overwrite: bool = False,
+    threads: int | None = None,
+    experiment_id: str | None = None,
+    species: str | None = None,
+    tmp_dir: str | None = None,
+    in_memory_nnz: int | None = None,
+) -> ConversionReport:
+    """Convert one file into the atlas; never raises for a bad file, reports it instead."""
+    start = time.perf_counter()
+    report = ConversionReport(source=path, status="failed")
+    threads = threads or cpu_count()
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            sha_future = pool.submit(sha256_file, path) if os.path.isfile(path) else None
+            with H5adSource(path, experiment_id=experiment_id, species=species, executor=pool) as src:
+                report.experiment_id, report.species, report.layout = src.experiment_id, src.species, src.layout
+                sha = sha_future.result() if sha_future else ""
+                existing = read_fragment_record(loc, src.species, src.experiment_id)
+                if existing and not overwrite:
+                    same_name = existing["source_name"] == src.name
+                    if existing["source_sha256"] == sha:
+                        report.status, report.message = "skipped", "unchanged (same sha256)"
+                        report.store = existing["store"]
+                        return report
+                    if not same_name:
+                        raise BgeeInputError(
+                            path,
+                            f"experiment {src.species}/{src.experiment_id} is already in the atlas from "
+                            f"{existing['source_name']}; pass --overwrite to replace it",
+                        )
+                rel = store_relpath(src.species, src.experiment_id)
+                kwargs = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
+                provenance = {
+                    "source_name": src.name,
+                    "source_size": os.path.getsize(path),
+                    "source_sha256": sha,
+                    "layout": src.layout,
+                    "counts_source": src.counts_key,
+                    "cpm_in_x": src.cpm_in_x,
+                    "converter": f"bgee-dask {__version__}",
+                    "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                }
+                written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs)
+        report.status = "converted"
+        report.cpm_in_x = written.attrs["cpm_in_x"]
+        report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
+        report.store = rel
+        report.bytes = loc.size(rel)
+        genes = written.var
+        symbol_col = next((c for c in ("feature_name", "gene_symbol", "symbol") if c in genes), None)
+        gene_table = {
+            "gene_id": genes.index.astype(str),
+            "gene_symbol": genes[symbol_col].astype(str).to_numpy() if symbol_col else None,
+            "gene_index": range(len(genes)),
+        }
+        record = {
+            "experimentId": report.experiment_id,
+            "species": report.species,
+            "n_cells": written.n_cells,
+            "n_genes": written.n_genes,
+            "nnz": written.nnz,
+            "bytes": report.bytes,
+            "store": rel,
+            "layout": report.layout,
+            "cpm_in_x": bool(report.cpm_in_x),
+            "row_blocks": written.row_blocks,
+            **provenance,
+        }
+        write_fragment(loc, Fragment(record, written.runs, pd.DataFrame(gene_table)))
+        if report.cpm_in_x:
+            report.message = "X held CPM; raw counts were taken from layers['abundance']"
+    except BgeeInputError as exc:
+        report.message = str(exc)
+    except Exception as exc:  # a bug or an environment failure: still one line, with the cause
+        report.message = f"{path}: {type(exc).__name__}: {exc}"
+        report.details["traceback"] = traceback.format_exc()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs):
+    """The fragment goes first (so a killed overwrite is redone), then the store, then it is published."""
+    remove_fragment(loc, src.species, src.experiment_id)
+    if loc.is_local:
+        parent = os.path.dirname(loc.path(rel))
+        os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):  # leftovers of killed runs for this experiment
+            if name.startswith(os.path.basename(rel) + ".partial-"):
+                loc.remove(f"{os.path.dirname(rel)}/{name}")
+        partial = f"{rel}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            written = write_experiment(
+                src, loc.zarr_store(partial), provenance=provenance, executor=pool, spill_dir=tmp_dir, **kwargs
+            )
+            if loc.exists(rel):
+                old = f"{rel}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(loc.path(rel), loc.path(old))
+                os.replace(loc.path(partial), loc.path(rel))
+                loc.remove(old)
+            else:
+                os.replace(loc.path(partial), loc.path(rel))
+        except BaseException:
+            loc.remove(partial)
+            raise
+        return written
+    loc.remove(rel)
+    try:
+        return write_experiment(
+            src, loc.zarr_store(rel), provenance=provenance, executor=pool, spill_dir=tmp_dir, **kwargs
+        )
+    except BaseException:
+        loc.remove(rel)
+        raise
+
+
+def _plan(paths: Sequence[str], overwrite: bool, experiment_id: str | None, species: str | None):
+    """Reject sources that map to the same experiment as an earlier one in this run."""
+    owners: dict[tuple[str, str], str] = {}
+    todo, rejected = [], []
+    for path in paths:
+        key = _identify(path, experiment_id, species)
+        if key is not None and key in owners:
+            first = owners[key]
+            if overwrite:
+                rejected.append(ConversionReport(
+                    source=first, status="skipped", species=key[0], experiment_id=key[1],
+                    message=f"superseded by {path} (--overwrite: the last source wins)",
+                ))
+                todo.remove(first)
+            else:
+                rejected.append(ConversionReport(
+                    source=path, status="failed", species=key[0], experiment_id=key[1],
+                    message=f"{path}: maps to experiment {key[0]}/{key[1]} like {first}; "
+                    "convert one of them, or pass --overwrite",
+                ))
+                continue
+        if key is not None:
+            owners[key] = path
+        todo.append(path)
+    return todo, rejected
+
+
+def convert(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    client: Any | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    experiment_id: str | None = None,
+    species: str | None = None,
+    tmp_dir: str | None = None,
+) -> list[ConversionReport]:
+    """Convert Bgee H5AD files (or folders of them) into the atlas at ``out``.
+
+    Files are converted in parallel as Dask tasks: on ``client`` when given, else on the
+    current client, else on a local cluster started for the call. Bad files are reported, not
+    raised, and never stop the others.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    paths = find_sources(sources)
+    loc = AtlasLocation(out, storage_options)
+    todo, reports = _plan(paths, overwrite, experiment_id, species)
+    kwargs = {"overwrite": overwrite, "experiment_id": experiment_id, "species": species, "tmp_dir": tmp_dir}
+    client = client or current_client()
+    if client is None and (len(todo) <= 1 or workers == 1):
+        reports += _run_serial(todo, loc, kwargs, progress)
+    elif client is None:
+        n = min(len(todo), workers or cpu_count())
+        with local_client(n) as local:
+            reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
+    else:
+        reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
+    consolidate(loc)
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(reports, key=lambda r: order.get(r.source, len(order)))
+
+
+def _run_serial(todo, loc, kwargs, progress) -> list[ConversionReport]:
+    from tqdm.auto import tqdm
+
+    out = []
+    for path in tqdm(todo, desc="converting", unit="file", disable=not progress or not todo):
+        out.append(convert_file(path, loc, **kwargs))
+    return out
+
+
+def _run_on(client, todo, loc, kwargs, progress, threads) -> list[ConversionReport]:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    futures = [
+        client.submit(convert_file, path, loc, threads=threads, pure=False, key=f"convert-{uuid.uuid4().hex[:8]}",
+                      **kwargs)
+        for path in todo
+    ]
+    out = []
+    with tqdm(total=len(futures), desc="converting", unit="file", disable=not progress or not futures) as bar:
+        for fut in as_completed(futures):
+            out.append(fut.result())
+            bar.update(1)
+    return out

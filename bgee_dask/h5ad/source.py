@@ -1,0 +1,338 @@
+"""One Bgee H5AD file, seen through the canonical schema.
+
+Opening a source validates everything that can be checked without decoding the matrix
+(HDF5 readable, X present, shapes consistent, names unique, layout known), so that a bad file
+fails before anything is written for it. Values are checked block by block as they stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import pandas as pd
+from anndata.io import read_elem
+
+from ..schema import (
+    CANONICAL_COLUMNS,
+    INTEGER_COLUMNS,
+    PLACEHOLDER_CELL_TYPE,
+    SPECIES_TAXON,
+    BgeeInputError,
+    canonical_column_map,
+    check_identifier,
+    detect_layout,
+    parse_bgee_filename,
+    species_from_taxon,
+)
+from .chunks import ChunkedReader
+
+#: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
+_CPM_TOLERANCE = 1e-3
+_CPM_SAMPLE_ROWS = 256
+
+
+@dataclass
+class CsrBlock:
+    """Rows ``[row_start, row_stop)`` of the counts matrix as CSR pieces (indptr starts at 0)."""
+
+    row_start: int
+    row_stop: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+@dataclass
+class CscBlock:
+    """Columns ``[col_start, col_stop)`` of the counts matrix as CSC pieces (indptr starts at 0)."""
+
+    col_start: int
+    col_stop: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+def _fail(path: str, problem: str) -> BgeeInputError:
+    return BgeeInputError(path, problem)
+
+
+class H5adSource:
+    """An open, validated Bgee H5AD file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        experiment_id: str | None = None,
+        species: str | None = None,
+        executor: Executor | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
+        self.executor = executor
+        if not os.path.exists(self.path):
+            raise _fail(self.path, "no such file")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            msg = str(exc)
+            if "signature" in msg:
+                raise _fail(self.path, "not an HDF5 file") from None
+            if "truncat" in msg or "eof" in msg.lower():
+                raise _fail(self.path, "truncated HDF5 file (file is shorter than its header says)") from None
+            raise _fail(self.path, f"cannot open as HDF5 ({msg.splitlines()[0]})") from None
+        try:
+            self._inspect(experiment_id, species)
+        except BgeeInputError:
+            self.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            self.close()
+            raise _fail(self.path, f"corrupt or unreadable file ({type(exc).__name__}: {exc})") from None
+
+    # -- opening ---------------------------------------------------------------------------
+    def _inspect(self, experiment_id: str | None, species: str | None) -> None:
+        f = self.file
+        top = set(f.keys())
+        if "X" not in f:
+            raise _fail(self.path, "no X matrix")
+        if "obs" not in f or "var" not in f:
+            raise _fail(self.path, "no obs or var table")
+        layers = set(f["layers"].keys()) if "layers" in f else set()
+        uns = set(f["uns"].keys()) if "uns" in f else set()
+        raw_obs = read_elem(f["obs"])
+        try:
+            self.layout = detect_layout(list(raw_obs.columns), top, uns, layers)
+        except ValueError as exc:
+            raise _fail(self.path, str(exc)) from None
+        self.var = read_elem(f["var"])
+        self.n_obs, self.n_vars = len(raw_obs), len(self.var)
+        if raw_obs.index.has_duplicates:
+            dups = raw_obs.index[raw_obs.index.duplicated()].unique()[:3].tolist()
+            raise _fail(self.path, f"duplicate cell names in obs (e.g. {dups})")
+        if self.var.index.has_duplicates:
+            dups = self.var.index[self.var.index.duplicated()].unique()[:3].tolist()
+            raise _fail(self.path, f"duplicate gene ids in var (e.g. {dups})")
+        self.counts_key, self.cpm_in_x = self._choose_counts(layers)
+        self._open_matrix(self.counts_key)
+        self.obs = self._canonical_obs(raw_obs, experiment_id, species)
+
+    def _open_matrix(self, key: str) -> None:
+        node = self.file[key]
+        shape_here: tuple[int, int]
+        if isinstance(node, h5py.Dataset):
+            if node.ndim != 2:
+                raise _fail(self.path, f"{key} is a {node.ndim}-D array, expected cells x genes")
+            self.format = "dense"
+            shape_here = tuple(node.shape)  # type: ignore[assignment]
+            self.dtype = node.dtype
+            self.nnz = None
+        else:
+            enc = node.attrs.get("encoding-type", "")
+            if isinstance(enc, bytes):
+                enc = enc.decode()
+            if enc not in ("csr_matrix", "csc_matrix"):
+                raise _fail(self.path, f"{key} has encoding {enc!r}; expected csr_matrix or csc_matrix")
+            for part in ("data", "indices", "indptr"):
+                if part not in node:
+                    raise _fail(self.path, f"{key} has no '{part}' array")
+            self.format = "csr" if enc == "csr_matrix" else "csc"
+            shape_here = tuple(int(s) for s in node.attrs["shape"])  # type: ignore[assignment]
+            data, indices, indptr = node["data"], node["indices"], node["indptr"]
+            self.dtype = data.dtype
+            self.nnz = int(data.shape[0])
+            if indices.shape[0] != self.nnz:
+                raise _fail(self.path, f"{key}: indices ({indices.shape[0]}) and data ({self.nnz}) differ in length")
+            major = shape_here[0] if self.format == "csr" else shape_here[1]
+            if indptr.shape[0] != major + 1:
+                raise _fail(
+                    self.path, f"{key}: indptr has {indptr.shape[0]} entries, shape {shape_here} needs {major + 1}"
+                )
+            self.indptr = indptr[:].astype(np.int64)
+            if self.indptr[0] != 0 or self.indptr[-1] != self.nnz or np.any(np.diff(self.indptr) < 0):
+                raise _fail(self.path, f"{key}: indptr is not a valid offset array for {self.nnz} values")
+            self._data = ChunkedReader(data, self.executor)
+            self._indices = ChunkedReader(indices, self.executor)
+        if not (np.issubdtype(self.dtype, np.floating) or np.issubdtype(self.dtype, np.integer)):
+            raise _fail(self.path, f"{key} has dtype {self.dtype}; expected float or integer counts")
+        if shape_here != (self.n_obs, self.n_vars):
+            raise _fail(
+                self.path,
+                f"{key} shape {shape_here} disagrees with obs ({self.n_obs} cells) and var ({self.n_vars} genes)",
+            )
+        self._node = node
+
+    def _choose_counts(self, layers: set[str]) -> tuple[str, bool]:
+        """Detect Bgee's known writer bug: CPM in X with the raw counts in ``layers['abundance']``."""
+        if "abundance" not in layers:
+            return "X", False
+        self._open_matrix("X")
+        x_sums = self._sample_row_sums()
+        x_is_cpm = x_sums.size > 0 and bool(np.all(np.abs(x_sums - 1e6) <= _CPM_TOLERANCE * 1e6))
+        if not x_is_cpm:
+            return "X", False
+        self._open_matrix("layers/abundance")
+        layer_vals = self._sample_values()
+        layer_integral = layer_vals.size > 0 and bool(np.all(layer_vals == np.round(layer_vals)))
+        if not layer_integral:
+            raise _fail(
+                self.path,
+                "X looks like CPM (row sums near 1e6) but layers['abundance'] is not integral either; "
+                "cannot tell which matrix holds raw counts",
+            )
+        return "layers/abundance", True
+
+    def _sample_row_sums(self) -> np.ndarray:
+        n = min(_CPM_SAMPLE_ROWS, self.n_obs)
+        if self.format == "csr":
+            block = next(self.iter_csr_blocks(rows_per_block=n, stop=n))
+            sums = np.add.reduceat(block.data.astype(np.float64), block.indptr[:-1]) if block.data.size else []
+            sums = np.asarray(sums, dtype=np.float64)
+            sums[np.diff(block.indptr) == 0] = 0.0
+            return sums
+        if self.format == "dense":
+            return self._node[:n].astype(np.float64).sum(axis=1)
+        return np.asarray([], dtype=np.float64)
+
+    def _sample_values(self) -> np.ndarray:
+        if self.format == "dense":
+            return self._node[: min(_CPM_SAMPLE_ROWS, self.n_obs)].ravel()
+        return self._data.read(0, min(self.nnz or 0, 1 << 16))
+
+    def _canonical_obs(self, raw: pd.DataFrame, experiment_id: str | None, species: str | None) -> pd.DataFrame:
+        mapping = canonical_column_map(self.layout, list(raw.columns))
+        obs = raw.rename(columns=mapping)
+        from_name = parse_bgee_filename(self.path)
+        exp = experiment_id
+        if exp is None and from_name:
+            exp = from_name[1]
+        if exp is None and "experimentId" in obs and obs["experimentId"].notna().any():
+            values = pd.unique(obs["experimentId"].dropna().astype(str))
+            if len(values) != 1:
+                raise _fail(self.path, f"obs names several experiments {list(values)[:3]}; pass experiment_id")
+            exp = str(values[0])
+        if exp is None:
+            raise _fail(self.path, "experiment id unknown: not in the file name nor in obs; pass experiment_id")
+        sp = species
+        if sp is None and from_name:
+            sp = from_name[0]
+        if sp is None and "speciesId" in obs and obs["speciesId"].notna().any():
+            sp = species_from_taxon(int(pd.to_numeric(obs["speciesId"]).dropna().iloc[0]))
+        if sp is None:
+            raise _fail(self.path, "species unknown: not in the file name nor in obs; pass species")
+        try:
+            self.experiment_id = check_identifier("experiment id", str(exp))
+            self.species = check_identifier("species", str(sp))
+        except ValueError as exc:
+            raise _fail(self.path, str(exc)) from None
+        obs["experimentId"] = self.experiment_id
+        if "speciesId" not in obs and self.species in SPECIES_TAXON:
+            obs["speciesId"] = SPECIES_TAXON[self.species]
+        if self.layout == "D":
+            # Layout D replaced Bgee's placeholder cell type by "unknown"; restore it so one
+            # filter means the same thing in every layout.
+            for col, placeholder in zip(("cellTypeId", "cellTypeName"), PLACEHOLDER_CELL_TYPE, strict=True):
+                if col in obs:
+                    values = obs[col].astype(object)
+                    obs[col] = values.where(values != "unknown", placeholder)
+        for col in CANONICAL_COLUMNS:
+            if col not in obs:
+                obs[col] = pd.array([pd.NA] * len(obs), dtype="Int64" if col in INTEGER_COLUMNS else "string")
+        for col in INTEGER_COLUMNS:
+            try:
+                obs[col] = pd.to_numeric(obs[col].astype(object)).astype("Int64")
+            except (ValueError, TypeError):
+                raise _fail(self.path, f"obs column {col!r} should hold integers") from None
+        ordered = list(CANONICAL_COLUMNS) + [c for c in obs.columns if c not in CANONICAL_COLUMNS]
+        return obs[ordered]
+
+    # -- streaming -------------------------------------------------------------------------
+    def iter_csr_blocks(
+        self, *, nnz_per_block: int = 1 << 23, rows_per_block: int | None = None, stop: int | None = None
+    ) -> Iterator[CsrBlock]:
+        """Row blocks of a CSR or dense matrix, validated as they are decoded."""
+        stop = self.n_obs if stop is None else min(stop, self.n_obs)
+        if self.format == "dense":
+            step = rows_per_block or max(1, nnz_per_block // max(1, self.n_vars))
+            for r0 in range(0, stop, step):
+                r1 = min(stop, r0 + step)
+                dense = self._node[r0:r1]
+                yield self._checked_csr(r0, r1, *_dense_to_csr(dense))
+            return
+        if self.format != "csr":
+            raise RuntimeError("iter_csr_blocks needs a CSR or dense matrix")
+        indptr = self.indptr
+        r0 = 0
+        while r0 < stop:
+            if rows_per_block:
+                r1 = min(stop, r0 + rows_per_block)
+            else:
+                target = indptr[r0] + nnz_per_block
+                r1 = int(np.searchsorted(indptr, target, side="right")) - 1
+                r1 = min(stop, max(r1, r0 + 1))
+            a, b = int(indptr[r0]), int(indptr[r1])
+            yield self._checked_csr(
+                r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b)
+            )
+            r0 = r1
+
+    def iter_csc_blocks(self, *, nnz_per_block: int = 1 << 23) -> Iterator[CscBlock]:
+        """Column blocks of a CSC matrix, validated as they are decoded."""
+        if self.format != "csc":
+            raise RuntimeError("iter_csc_blocks needs a CSC matrix")
+        indptr = self.indptr
+        c0 = 0
+        while c0 < self.n_vars:
+            c1 = int(np.searchsorted(indptr, indptr[c0] + nnz_per_block, side="right")) - 1
+            c1 = min(self.n_vars, max(c1, c0 + 1))
+            a, b = int(indptr[c0]), int(indptr[c1])
+            data, indices = self._data.read(a, b), self._indices.read(a, b)
+            self._check_values(data, indices, self.n_obs, f"columns {c0}-{c1}")
+            yield CscBlock(c0, c1, indptr[c0 : c1 + 1] - a, indices, data)
+            c0 = c1
+
+    def _checked_csr(self, r0: int, r1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> CsrBlock:
+        self._check_values(data, indices, self.n_vars, f"rows {r0}-{r1}")
+        return CsrBlock(r0, r1, indptr, indices, data)
+
+    def _check_values(self, data: np.ndarray, indices: np.ndarray, bound: int, where: str) -> None:
+        if data.size == 0:
+            return
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            bad = "NaN" if np.isnan(data).any() else "infinite"
+            raise _fail(self.path, f"{bad} values in {self.counts_key} ({where})")
+        if (data < 0).any():
+            raise _fail(self.path, f"negative values in {self.counts_key} ({where})")
+        if np.issubdtype(data.dtype, np.integer) and data.max() >= 1 << 24:
+            raise _fail(self.path, f"count {data.max()} in {self.counts_key} ({where}) exceeds float32's exact range")
+        if indices.min() < 0 or indices.max() >= bound:
+            raise _fail(self.path, f"{self.counts_key} indices out of range ({where})")
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """Counts are stored as float32 unless the source needs float64's precision."""
+        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # already closed or never opened
+            self.file.close()
+
+    def __enter__(self) -> H5adSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dense_to_csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(dense)
+    indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr), cols.astype(np.int32), dense[rows, cols]

@@ -1,0 +1,37 @@
+"""The user-facing atlas: the catalog plus the ability to ask it questions."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pandas as pd
+
+from ..atlas.catalog import AtlasCatalog
+from ..atlas.location import AtlasLocation
+
+
+class Atlas:
+    """Many experiment stores behind one catalog; ``query`` selects cells across all of them."""
+
+    def __init__(self, catalog: AtlasCatalog):
+        self.catalog = catalog
+        self.location = catalog.location
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def experiments(self) -> pd.DataFrame:
+        """One row per experiment: id, species, cells, genes, nnz, bytes, layout, provenance."""
+        return self.catalog.experiments
+
+    def __repr__(self) -> str:
+        e = self.experiments
+        return f"<Atlas {self.url}: {len(e)} experiments, {int(e['n_cells'].sum()) if len(e) else 0} cells>"
+
+
+def open_atlas(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Atlas:
+    """Open an atlas folder or object-store prefix (reads the catalog header and experiments table only)."""
+    return Atlas(AtlasCatalog(AtlasLocation(url, storage_options)))

@@ -1,0 +1,67 @@
+"""The on-disk layout of one experiment store (see docs/store-format.md).
+
+Every size here is a trade-off written down once: inner chunks small enough for cheap partial
+reads from an object store, shards large enough that a store is a few hundred objects rather
+than millions, and row blocks (the unit of one Dask task) about one shard of values each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+#: What a store says it is, and which version of this spec it follows.
+FORMAT_NAME = "bgee-dask/experiment"
+FORMAT_VERSION = "1.0"
+ATTRS_KEY = "bgee_dask"
+
+#: Elements per inner chunk of X/data and X/indices (512 KiB of float32 before compression).
+VALUES_CHUNK = 1 << 17
+#: Elements per shard object of X/data and X/indices (64 inner chunks, ~8 MB compressed).
+VALUES_SHARD = 1 << 23
+#: Rows per inner chunk and per shard of X/indptr.
+INDPTR_CHUNK = 1 << 16
+INDPTR_SHARD = 1 << 20
+#: Target values per row block: one Dask task reads about one shard.
+BLOCK_NNZ = VALUES_SHARD
+#: Upper bound on cells per row block, so that per-block metadata stays small for sparse data.
+BLOCK_MAX_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class BloscSettings:
+    """One codec setting used both to declare arrays and to encode shards ourselves."""
+
+    cname: str = "zstd"
+    clevel: int = 1
+    shuffle: str = "bitshuffle"
+
+    def zarr_codec(self, dtype: np.dtype) -> BloscCodec:
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, typesize=dtype.itemsize)
+
+    def numcodecs_codec(self):
+        import numcodecs
+
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[self.shuffle]
+        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle, blocksize=0)
+
+
+DEFAULT_CODEC = BloscSettings()
+
+
+def row_blocks(indptr: np.ndarray, block_nnz: int = BLOCK_NNZ, max_rows: int = BLOCK_MAX_ROWS) -> np.ndarray:
+    """Row boundaries ``[0, ..., n_rows]`` cutting a CSR matrix into blocks of about ``block_nnz`` values."""
+    n = len(indptr) - 1
+    bounds = [0]
+    while bounds[-1] < n:
+        r0 = bounds[-1]
+        r1 = int(np.searchsorted(indptr, indptr[r0] + block_nnz, side="right")) - 1
+        bounds.append(min(n, max(r1, r0 + 1), r0 + max_rows))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def store_relpath(species: str, experiment_id: str) -> str:
+    """Where an experiment's store lives inside an atlas."""
+    return f"{species}/{experiment_id}.zarr"

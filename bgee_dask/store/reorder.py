@@ -1,0 +1,241 @@
+"""Streaming a source matrix in sorted cell order, in bounded memory.
+
+Cells are stored sorted by metadata, but Bgee files stack cells library by library, so every
+output block gathers rows from all over the source. Small matrices are reordered in memory.
+Larger ones take two passes: the source is decoded once, in its own order, and each row is
+appended to a spill file for the output block it belongs to; then every spill file is read
+back and its rows put in order. Memory is bounded by one source block plus one output block,
+whatever the size of the file. CSC sources go through the same spill, as row fragments.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..h5ad.source import H5adSource
+from .csr_kernels import gather_rows, gather_segments, row_totals
+from .layout import row_blocks
+
+Emit = Callable[[np.ndarray, np.ndarray], None]
+
+#: Matrices with at most this many values are reordered in memory (about 8 bytes per value).
+IN_MEMORY_NNZ = 1 << 24
+#: Values per spill bucket: one bucket is held in memory while it is put in order.
+BUCKET_NNZ = 1 << 24
+#: Values decoded per source block.
+READ_NNZ = 1 << 23
+
+
+@dataclass
+class ReorderResult:
+    """What streaming the matrix learned about it."""
+
+    indptr: np.ndarray  # destination CSR offsets, int64, length n_cells + 1
+    total_counts: np.ndarray  # per source row, float64
+    n_genes: np.ndarray  # per source row, int32
+    nnz: int
+    spilled: bool
+
+
+def stream_sorted(
+    source: H5adSource,
+    perm: np.ndarray,
+    emit: Emit,
+    *,
+    out_dtype: np.dtype,
+    spill_dir: str | None = None,
+    in_memory_nnz: int = IN_MEMORY_NNZ,
+    bucket_nnz: int = BUCKET_NNZ,
+    read_nnz: int = READ_NNZ,
+) -> ReorderResult:
+    """Call ``emit(indices, data)`` with the values of rows ``perm[0], perm[1], ...`` in order."""
+    n = source.n_obs
+    totals = np.zeros(n, dtype=np.float64)
+    detected = np.zeros(n, dtype=np.int32)
+    nnz_hint = source.nnz if source.nnz is not None else n * source.n_vars
+    if nnz_hint <= in_memory_nnz:
+        indptr, indices, data = _read_all_csr(source, read_nnz)
+        row_totals(indptr, data, totals, detected)
+        dest_indptr = _permuted_indptr(indptr, perm)
+        for d0, d1 in _pairs(row_blocks(dest_indptr, read_nnz)):
+            emit(*gather_rows(indptr, indices, data, perm[d0:d1], out_dtype))
+        return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), False)
+
+    inv = np.empty(n, dtype=np.int64)
+    inv[perm] = np.arange(n, dtype=np.int64)
+    if source.format == "csc":
+        mean_row = max(1.0, (source.nnz or 1) / max(1, n))
+        rows_per_bucket = max(1, int(bucket_nnz / mean_row))
+        bounds = np.arange(0, n + rows_per_bucket, rows_per_bucket, dtype=np.int64)
+        bounds[-1] = n
+        bounds = np.unique(np.minimum(bounds, n))
+    else:
+        bounds = None  # known once the source's row lengths are
+    workdir = tempfile.mkdtemp(prefix="bgee-dask-spill-", dir=spill_dir)
+    try:
+        spill = _Spill(workdir, out_dtype)
+        row_len = np.zeros(n, dtype=np.int64)
+        if source.format == "csc":
+            for block in source.iter_csc_blocks(nnz_per_block=read_nnz):
+                csr = sp.csc_matrix(
+                    (block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start)
+                ).tocsr()
+                csr.sort_indices()
+                rows = np.flatnonzero(np.diff(csr.indptr))
+                t = np.zeros(n, dtype=np.float64)
+                c = np.zeros(n, dtype=np.int32)
+                row_totals(csr.indptr.astype(np.int64), csr.data, t, c)
+                totals += t
+                detected += c
+                row_len[rows] += np.diff(csr.indptr)[rows]
+                spill.scatter(
+                    csr.indptr.astype(np.int64), csr.indices.astype(np.int32) + block.col_start,
+                    csr.data, rows, inv[rows], bounds,
+                )
+        else:
+            lengths = np.diff(source.indptr) if source.format == "csr" else None
+            if lengths is not None:
+                bounds = row_blocks(_permuted_indptr(source.indptr, perm), bucket_nnz)
+            for block in source.iter_csr_blocks(nnz_per_block=read_nnz):
+                r0, r1 = block.row_start, block.row_stop
+                row_totals(block.indptr, block.data, totals[r0:r1], detected[r0:r1])
+                row_len[r0:r1] = np.diff(block.indptr)
+                if bounds is None:  # dense source: bucket by the mean row length seen so far
+                    bounds = _even_bounds(n, block, bucket_nnz)
+                rows = np.arange(r1 - r0, dtype=np.int64)
+                spill.scatter(block.indptr, block.indices, block.data, rows, inv[r0:r1], bounds)
+        dest_indptr = _permuted_indptr(np.concatenate([[0], np.cumsum(row_len)]), perm)
+        for k in range(len(bounds) - 1):
+            indices, data = spill.gather(k)
+            expected = int(dest_indptr[bounds[k + 1]] - dest_indptr[bounds[k]])
+            if indices.size != expected:
+                raise RuntimeError(f"spill bucket {k} holds {indices.size} values, expected {expected}")
+            if indices.size:
+                emit(indices, data)
+        return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
+    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+
+
+def _permuted_indptr(indptr: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    lengths = np.diff(indptr)[perm]
+    out = np.zeros(len(perm) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _even_bounds(n: int, block, bucket_nnz: int) -> np.ndarray:
+    rows = max(1, block.row_stop - block.row_start)
+    mean_row = max(1.0, block.indptr[-1] / rows)
+    step = max(1, int(bucket_nnz / mean_row))
+    bounds = np.append(np.arange(0, n, step, dtype=np.int64), n)
+    return np.unique(bounds)
+
+
+def _read_all_csr(source: H5adSource, read_nnz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if source.format == "csc":
+        parts = list(source.iter_csc_blocks(nnz_per_block=read_nnz))
+        indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]])
+        indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
+        data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
+        csr = sp.csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
+        csr.sort_indices()
+        return csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data
+    parts = list(source.iter_csr_blocks(nnz_per_block=read_nnz))
+    indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]]).astype(np.int64)
+    indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
+    data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
+    return indptr, indices, data
+
+
+def _offsets(parts):
+    off = 0
+    for p in parts:
+        yield p, off
+        off += int(p.indptr[-1])
+
+
+class _Spill:
+    """One append-only file per output bucket, holding records of whole rows or row fragments."""
+
+    def __init__(self, workdir: str, out_dtype: np.dtype):
+        self.workdir = workdir
+        self.out_dtype = np.dtype(out_dtype)
+
+    def _path(self, k: int) -> str:
+        return os.path.join(self.workdir, f"bucket-{k:06d}.bin")
+
+    def scatter(
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        data: np.ndarray,
+        rows: np.ndarray,
+        dest_rows: np.ndarray,
+        bounds: np.ndarray,
+    ) -> None:
+        """Append rows ``rows`` of the given CSR piece to the buckets of their destination rows."""
+        if rows.size == 0:
+            return
+        bucket = np.searchsorted(bounds, dest_rows, side="right") - 1
+        order = np.argsort(bucket, kind="stable")
+        rows, dest_rows, bucket = rows[order], dest_rows[order], bucket[order]
+        out_i, out_d = gather_rows(indptr, indices, data, rows, self.out_dtype)
+        lengths = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
+        row_cuts = np.flatnonzero(np.diff(bucket)) + 1
+        row_starts = np.concatenate([[0], row_cuts])
+        row_stops = np.concatenate([row_cuts, [rows.size]])
+        nnz_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for a, b in zip(row_starts.tolist(), row_stops.tolist(), strict=True):
+            lo, hi = int(nnz_offsets[a]), int(nnz_offsets[b])
+            with open(self._path(int(bucket[a])), "ab") as fh:
+                np.asarray([b - a, hi - lo], dtype=np.int64).tofile(fh)
+                dest_rows[a:b].astype(np.int64).tofile(fh)
+                lengths[a:b].tofile(fh)
+                out_i[lo:hi].tofile(fh)
+                out_d[lo:hi].tofile(fh)
+
+    def gather(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bucket's values with its rows in destination order (fragments of a row in arrival order)."""
+        path = self._path(k)
+        if not os.path.exists(path):
+            return np.empty(0, np.int32), np.empty(0, self.out_dtype)
+        raw = np.fromfile(path, dtype=np.uint8)
+        os.unlink(path)
+        dests, lens, idx_parts, dat_parts = [], [], [], []
+        pos = 0
+        isz = self.out_dtype.itemsize
+        while pos < raw.size:
+            n_rows, n_vals = raw[pos : pos + 16].view(np.int64)
+            pos += 16
+            dests.append(raw[pos : pos + 8 * n_rows].view(np.int64))
+            pos += 8 * n_rows
+            lens.append(raw[pos : pos + 8 * n_rows].view(np.int64))
+            pos += 8 * n_rows
+            idx_parts.append(raw[pos : pos + 4 * n_vals].view(np.int32))
+            pos += 4 * n_vals
+            dat_parts.append(raw[pos : pos + isz * n_vals].view(self.out_dtype))
+            pos += isz * n_vals
+        dest = np.concatenate(dests)
+        length = np.concatenate(lens)
+        indices = np.concatenate(idx_parts)
+        data = np.concatenate(dat_parts)
+        del raw, idx_parts, dat_parts
+        starts = np.zeros(length.size, dtype=np.int64)
+        np.cumsum(length[:-1], out=starts[1:])
+        order = np.argsort(dest, kind="stable")
+        out_i = np.empty(indices.size, dtype=np.int32)
+        out_d = np.empty(indices.size, dtype=self.out_dtype)
+        gather_segments(starts[order], length[order], indices, data, out_i, out_d)
+        return out_i, out_d

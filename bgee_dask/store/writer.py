@@ -1,0 +1,185 @@
+"""Writing one experiment store: AnnData-compatible Zarr v3, cells sorted by metadata.
+
+The store is a plain AnnData zarr group (``anndata.read_zarr`` opens it) with our own
+attributes under ``bgee_dask``: format and version, provenance, the row blocks a query
+schedules as tasks, and ``complete``, which is written last together with the consolidated
+metadata, so that a store interrupted mid-write never claims to be whole.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import anndata
+import numpy as np
+import pandas as pd
+import zarr
+from anndata.io import write_elem
+
+from ..h5ad.source import H5adSource
+from ..schema import SORT_COLUMNS
+from .layout import (
+    ATTRS_KEY,
+    DEFAULT_CODEC,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDPTR_CHUNK,
+    INDPTR_SHARD,
+    VALUES_CHUNK,
+    VALUES_SHARD,
+    BloscSettings,
+    row_blocks,
+)
+from .reorder import IN_MEMORY_NNZ, stream_sorted
+from .runs import runs_table
+from .shards import ShardWriter
+
+
+@dataclass
+class WrittenStore:
+    """What the catalog needs to know about a store just written."""
+
+    n_cells: int
+    n_genes: int
+    nnz: int
+    x_bytes: int
+    row_blocks: list[int]
+    runs: pd.DataFrame
+    var: pd.DataFrame
+    attrs: dict[str, Any]
+
+
+def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np.ndarray:
+    """Source rows in stored order: sorted by ``columns`` (missing values last), ties in source order."""
+    keys = []
+    for col in reversed(columns):
+        if col not in obs:
+            continue
+        values = obs[col]
+        cat = pd.Categorical(values.astype(object).where(values.notna(), None))
+        codes = cat.codes.astype(np.int64)
+        codes[codes < 0] = len(cat.categories)
+        keys.append(codes)
+    if not keys:
+        return np.arange(len(obs), dtype=np.int64)
+    return np.lexsort(keys).astype(np.int64)
+
+
+def _compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """Repeated strings become categoricals, as anndata's own writer does for Bgee files."""
+    out = frame.copy()
+    for col in out.columns:
+        s = out[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            continue
+        if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+            values = s.astype(object).where(s.notna(), None)
+            if values.isna().all() or values.nunique(dropna=True) < max(2, len(values) // 2):
+                out[col] = pd.Categorical(values)
+            else:
+                out[col] = values.astype(str).where(values.notna(), None)
+                if values.isna().any():
+                    out[col] = pd.array(values, dtype="string")
+    return out
+
+
+def write_experiment(
+    source: H5adSource,
+    store: zarr.abc.store.Store,
+    *,
+    provenance: dict[str, Any],
+    executor: Executor | None = None,
+    codec: BloscSettings = DEFAULT_CODEC,
+    spill_dir: str | None = None,
+    in_memory_nnz: int = IN_MEMORY_NNZ,
+) -> WrittenStore:
+    """Write ``source`` into an empty ``store`` and return the catalog's view of it."""
+    perm = sort_order(source.obs)
+    obs = source.obs.iloc[perm]
+    out_dtype = source.out_dtype
+    nnz_total = source.nnz
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    x = root.create_group("X")
+
+    # Sizes of data/indices are only known up front for sparse sources; dense ones are counted first.
+    if nnz_total is None:
+        nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
+
+    def values_array(name: str, dtype: np.dtype) -> zarr.Array:
+        return x.create_array(
+            name,
+            shape=(nnz_total,),
+            dtype=dtype,
+            chunks=(VALUES_CHUNK,),
+            shards=(VALUES_SHARD,),
+            compressors=codec.zarr_codec(np.dtype(dtype)),
+            fill_value=0,
+        )
+
+    data_writer = ShardWriter(values_array("data", out_dtype), codec, executor)
+    indices_writer = ShardWriter(values_array("indices", np.dtype(np.int32)), codec, executor)
+
+    def emit(indices: np.ndarray, data: np.ndarray) -> None:
+        indices_writer.append(indices)
+        data_writer.append(data)
+
+    result = stream_sorted(source, perm, emit, out_dtype=out_dtype, spill_dir=spill_dir, in_memory_nnz=in_memory_nnz)
+    data_writer.close()
+    indices_writer.close()
+    indptr = x.create_array(
+        "indptr",
+        shape=(source.n_obs + 1,),
+        dtype=np.int64,
+        chunks=(INDPTR_CHUNK,),
+        shards=(INDPTR_SHARD,),
+        compressors=codec.zarr_codec(np.dtype(np.int64)),
+        fill_value=0,
+    )
+    indptr[:] = result.indptr
+    x.attrs.update(
+        {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]}
+    )
+
+    obs = obs.copy()
+    obs["source_row"] = perm
+    obs["total_counts"] = result.total_counts[perm]
+    obs["n_genes"] = result.n_genes[perm]
+    obs = _compact(obs)
+    var = _compact(source.var)
+    with anndata.settings.override(zarr_write_format=3):
+        write_elem(root, "obs", obs)
+        write_elem(root, "var", var)
+        for empty in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(root, empty, {})
+
+    blocks = row_blocks(result.indptr).tolist()
+    attrs = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "experiment_id": source.experiment_id,
+        "species": source.species,
+        "layout": source.layout,
+        "counts_source": source.counts_key,
+        "cpm_in_x": source.cpm_in_x,
+        "sorted_by": list(SORT_COLUMNS),
+        "row_blocks": blocks,
+        "nnz": result.nnz,
+        "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
+        "provenance": provenance,
+        "complete": True,
+    }
+    root.attrs[ATTRS_KEY] = attrs
+    zarr.consolidate_metadata(store)
+    return WrittenStore(
+        n_cells=source.n_obs,
+        n_genes=source.n_vars,
+        nnz=result.nnz,
+        x_bytes=data_writer.bytes_written + indices_writer.bytes_written,
+        row_blocks=blocks,
+        runs=runs_table(obs),
+        var=source.var,
+        attrs=attrs,
+    )
