@@ -122,7 +122,9 @@ class AtlasCatalog:
         try:
             self.header = loc.read_json(HEADER)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{loc.url}: not a bgee-dask atlas (no {HEADER}); create one with 'convert'") from None
+            raise FileNotFoundError(
+                f"{loc.url}: not a bgee-dask atlas (no {HEADER}); create one with 'convert'"
+            ) from None
         if self.header.get("format") != CATALOG_FORMAT:
             raise ValueError(f"{loc.url}: {HEADER} says format {self.header.get('format')!r}, not {CATALOG_FORMAT}")
         major = str(self.header.get("format_version", "0")).split(".")[0]

@@ -173,6 +173,7 @@ def convert_file(
             "layout": report.layout,
             "cpm_in_x": bool(report.cpm_in_x),
             "row_blocks": written.row_blocks,
+            "obs_columns": written.obs_columns,
             **provenance,
         }
         write_fragment(loc, Fragment(record, written.runs, pd.DataFrame(gene_table)))
@@ -231,17 +232,27 @@ def _plan(paths: Sequence[str], overwrite: bool, experiment_id: str | None, spec
         if key is not None and key in owners:
             first = owners[key]
             if overwrite:
-                rejected.append(ConversionReport(
-                    source=first, status="skipped", species=key[0], experiment_id=key[1],
-                    message=f"superseded by {path} (--overwrite: the last source wins)",
-                ))
+                rejected.append(
+                    ConversionReport(
+                        source=first,
+                        status="skipped",
+                        species=key[0],
+                        experiment_id=key[1],
+                        message=f"superseded by {path} (--overwrite: the last source wins)",
+                    )
+                )
                 todo.remove(first)
             else:
-                rejected.append(ConversionReport(
-                    source=path, status="failed", species=key[0], experiment_id=key[1],
-                    message=f"{path}: maps to experiment {key[0]}/{key[1]} like {first}; "
-                    "convert one of them, or pass --overwrite",
-                ))
+                rejected.append(
+                    ConversionReport(
+                        source=path,
+                        status="failed",
+                        species=key[0],
+                        experiment_id=key[1],
+                        message=f"{path}: maps to experiment {key[0]}/{key[1]} like {first}; "
+                        "convert one of them, or pass --overwrite",
+                    )
+                )
                 continue
         if key is not None:
             owners[key] = path
@@ -302,8 +313,9 @@ def _run_on(client, todo, loc, kwargs, progress, threads) -> list[ConversionRepo
     from tqdm.auto import tqdm
 
     futures = [
-        client.submit(convert_file, path, loc, threads=threads, pure=False, key=f"convert-{uuid.uuid4().hex[:8]}",
-                      **kwargs)
+        client.submit(
+            convert_file, path, loc, threads=threads, pure=False, key=f"convert-{uuid.uuid4().hex[:8]}", **kwargs
+        )
         for path in todo
     ]
     out = []

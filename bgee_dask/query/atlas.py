@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
 from ..atlas.location import AtlasLocation
+from .query import Query
 
 
 class Atlas:
@@ -26,6 +28,12 @@ class Atlas:
     def experiments(self) -> pd.DataFrame:
         """One row per experiment: id, species, cells, genes, nnz, bytes, layout, provenance."""
         return self.catalog.experiments
+
+    def query(
+        self, filter: str | None = None, genes: Sequence[str] | str | None = None, *, client: Any | None = None
+    ) -> Query:
+        """Select cells across every experiment; nothing is read until a result is asked for."""
+        return Query(self.catalog, filter=filter, genes=genes, client=client)
 
     def __repr__(self) -> str:
         e = self.experiments

@@ -48,6 +48,7 @@ class WrittenStore:
     row_blocks: list[int]
     runs: pd.DataFrame
     var: pd.DataFrame
+    obs_columns: list[str]
     attrs: dict[str, Any]
 
 
@@ -139,9 +140,7 @@ def write_experiment(
         fill_value=0,
     )
     indptr[:] = result.indptr
-    x.attrs.update(
-        {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]}
-    )
+    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
     obs = obs.copy()
     obs["source_row"] = perm
@@ -181,5 +180,6 @@ def write_experiment(
         row_blocks=blocks,
         runs=runs_table(obs),
         var=source.var,
+        obs_columns=[str(c) for c in obs.columns],
         attrs=attrs,
     )

@@ -1,0 +1,253 @@
+"""The ``bgee-dask`` command.
+
+Errors a user can fix (a bad file, an unknown column, a missing atlas) end in one line on
+stderr and exit status 2; a conversion that leaves some files failed exits 1 after converting
+the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._version import __version__
+
+EXIT_PARTIAL = 1
+EXIT_USAGE = 2
+
+
+def _add_cluster_options(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
+    g = p.add_argument_group("where to compute (default: a local cluster of worker processes)")
+    g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    if workers:
+        g.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster")
+    g.add_argument(
+        "--cluster", choices=["slurm", "pbs", "sge", "lsf"], help="start workers as batch jobs (dask-jobqueue)"
+    )
+    g.add_argument("--jobs", type=int, default=None, metavar="N", help="number of batch jobs with --cluster")
+    g.add_argument("--memory-limit", metavar="SIZE", help="memory limit per local worker, e.g. 2GB")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgee-dask",
+        description="Convert Bgee droplet scRNA-seq H5AD files into a Zarr atlas and query many experiments at once.",
+    )
+    parser.add_argument("--version", action="version", version=f"bgee-dask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert H5AD files (or folders of them) into an atlas")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=".h5ad files or folders (searched recursively)")
+    p.add_argument("--out", required=True, metavar="ATLAS", help="atlas folder or URL (s3://bucket/prefix)")
+    p.add_argument("--overwrite", action="store_true", help="replace experiments already in the atlas")
+    p.add_argument("--experiment-id", help="experiment id when file names and obs do not say")
+    p.add_argument("--species", help="species (Genus_species) when file names and obs do not say")
+    p.add_argument("--tmp-dir", help="folder for the spill files of large conversions (default: system temp)")
+    p.add_argument("--json", action="store_true", help="print the per-file reports as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_options(p)
+
+    p = sub.add_parser("info", help="list the experiments of an atlas")
+    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("query", help="filter cells and aggregate genes across every experiment of an atlas")
+    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("--filter", metavar="EXPR", help="e.g. \"cellTypeId == 'CL:0000236' and sex in ['female', 'male']\"")
+    p.add_argument("--genes", metavar="IDS", help="comma-separated Ensembl ids or symbols (default: all genes)")
+    p.add_argument("--by", required=True, metavar="COLS", help="comma-separated metadata columns to group by")
+    p.add_argument(
+        "--stats",
+        default="sum,mean,var,n_expressed,frac_expressed",
+        metavar="LIST",
+        help="comma-separated: sum, mean, var, n_expressed, frac_expressed (default: all)",
+    )
+    p.add_argument("--normalize", choices=["none", "cp10k", "log1p_cp10k"], default="none")
+    p.add_argument("--out", required=True, metavar="FILE", help="result file: .csv, .parquet or .nc")
+    p.add_argument("--plot", metavar="PNG", help="also draw a dot plot (colour = mean, size = fraction expressing)")
+    _add_cluster_options(p)
+
+    p = sub.add_parser("generate", help="write synthetic Bgee-like H5AD files (for demos and benchmarks)")
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--experiments", type=int, default=4)
+    p.add_argument("--cells", type=int, default=2000, help="cells per experiment")
+    p.add_argument("--genes", type=int, default=30000, help="genes in each species' universe")
+    p.add_argument("--detected-genes", type=float, default=1500, help="mean detected genes per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, default=1)
+
+    p = sub.add_parser("demo", help="generate a small atlas, convert it and run a query (no download)")
+    p.add_argument("--dir", default="bgee-demo", help="working folder (default: ./bgee-demo)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster")
+    return parser
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scheduler": args.scheduler,
+        "workers": getattr(args, "workers", None),
+        "cluster": args.cluster,
+        "jobs": args.jobs,
+        "memory_limit": args.memory_limit,
+    }
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .atlas.convert import convert
+
+    kwargs = dict(
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        experiment_id=args.experiment_id,
+        species=args.species,
+        tmp_dir=args.tmp_dir,
+    )
+    if args.scheduler or args.cluster or args.memory_limit:
+        from .cluster import client_for
+
+        with client_for(**_cluster_kwargs(args)) as client:
+            reports = convert(args.sources, args.out, client=client, **kwargs)
+    else:
+        reports = convert(args.sources, args.out, workers=args.workers, **kwargs)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=1, default=str))
+    else:
+        for r in reports:
+            print(r.line(), file=sys.stderr if r.status == "failed" else sys.stdout)
+    if not reports:
+        print("bgee-dask: error: no .h5ad files found in the given sources", file=sys.stderr)
+        return EXIT_USAGE
+    failed = sum(not r.ok for r in reports)
+    done = sum(r.status == "converted" for r in reports)
+    skipped = sum(r.status == "skipped" for r in reports)
+    print(f"{done} converted, {skipped} skipped, {failed} failed -> {args.out}", file=sys.stderr)
+    return EXIT_PARTIAL if failed else 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .atlas.catalog import AtlasCatalog
+    from .atlas.location import AtlasLocation
+
+    summary = AtlasCatalog(AtlasLocation(args.atlas)).summary()
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    print(
+        f"atlas {summary['atlas']} ({summary['format']} {summary['format_version']}, updated {summary['updated_at']})"
+    )
+    print(
+        f"{summary['n_experiments']} experiments, species {', '.join(summary['species']) or '-'}, "
+        f"{summary['n_cells']:,} cells, {summary['nnz']:,} non-zero values, {_human_bytes(summary['bytes'])}"
+    )
+    rows = summary["experiments"]
+    if rows:
+        header = f"{'experiment':<14} {'species':<24} {'cells':>10} {'genes':>8} {'nnz':>14} {'size':>10} layout"
+        print(header)
+        for r in rows:
+            print(
+                f"{r['experimentId']:<14} {r['species']:<24} {r['n_cells']:>10,} {r['n_genes']:>8,} "
+                f"{r['nnz']:>14,} {_human_bytes(r['bytes']):>10} {r.get('layout', '')}"
+            )
+    return 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from .query.atlas import open_atlas
+    from .query.export import write_result
+
+    atlas = open_atlas(args.atlas)
+    normalize = None if args.normalize == "none" else args.normalize
+    stats = _split(args.stats) or []
+    if args.plot:
+        stats = list(dict.fromkeys([*stats, "mean", "frac_expressed"]))
+
+    def run(client: Any) -> Any:
+        q = atlas.query(args.filter, genes=_split(args.genes), client=client)
+        return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
+
+    if args.scheduler or args.cluster or args.workers or args.memory_limit:
+        from .cluster import client_for
+
+        with client_for(**_cluster_kwargs(args)) as client:
+            ds = run(client)
+    else:
+        ds = run(None)
+    write_result(ds, args.out)
+    print(f"{ds.sizes['group']} groups x {ds.sizes['gene']} genes, {int(ds['n_cells'].sum()):,} cells -> {args.out}")
+    if args.plot:
+        if ds.sizes["group"] == 0:
+            print("no cell matched: no plot drawn", file=sys.stderr)
+        else:
+            from .query.plot import dot_plot
+
+            dot_plot(ds, args.plot)
+            print(f"dot plot -> {args.plot}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .synthetic import generate_sources
+
+    paths = generate_sources(
+        args.out,
+        n_experiments=args.experiments,
+        cells_per_experiment=args.cells,
+        n_genes_universe=args.genes,
+        mean_detected_genes=args.detected_genes,
+        seed=args.seed,
+        processes=args.processes,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, workers=args.workers)
+
+
+_COMMANDS = {
+    "convert": _cmd_convert,
+    "info": _cmd_info,
+    "query": _cmd_query,
+    "generate": _cmd_generate,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("bgee-dask: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, TimeoutError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"bgee-dask: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

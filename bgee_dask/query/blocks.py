@@ -1,0 +1,127 @@
+"""What one Dask task does with one storage block: select cells, then reduce or extract them.
+
+These functions run on the workers: they open the store themselves (reads never pass
+through the client) and return only small results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..atlas.location import AtlasLocation
+from ..store.experiment import OPEN_STORES, ExperimentStore
+from .filter import Expr, evaluate
+from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, select_rows
+from .plan import BlockTask
+from .reduction import Partial
+
+NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P_SCALED}
+
+
+def open_store(loc: AtlasLocation, rel: str) -> ExperimentStore:
+    return OPEN_STORES.get(
+        (loc.url, rel), lambda: ExperimentStore(loc.zarr_store(rel, read_only=True), name=loc.full_url(rel))
+    )
+
+
+def read_obs(store: ExperimentStore, columns: list[str], r0: int, r1: int) -> pd.DataFrame:
+    """The block's rows of ``columns``; a column this experiment lacks is all missing."""
+    present = set(store.obs_columns())
+    data = {}
+    for c in columns:
+        data[c] = store.obs_column(c, r0, r1) if c in present else pd.Series([None] * (r1 - r0), dtype=object)
+    return pd.DataFrame(data)
+
+
+def select(
+    loc: AtlasLocation, task: BlockTask, expr: Expr | None, columns: list[str]
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Positions (relative to ``task.r0``) of the matching cells, and their ``columns``."""
+    store = open_store(loc, task.store)
+    needed = list(dict.fromkeys([*columns, *(sorted(expr.columns()) if expr is not None else [])]))
+    frame = read_obs(store, needed, task.r0, task.r1)
+    mask = evaluate(expr, frame) if expr is not None else np.ones(len(frame), dtype=bool)
+    rows = np.flatnonzero(mask)
+    return rows, frame.iloc[rows][columns].reset_index(drop=True)
+
+
+def _group_codes(frame: pd.DataFrame, by: list[str]) -> tuple[np.ndarray, list[tuple]]:
+    if not by:
+        return np.zeros(len(frame), dtype=np.int32), [()]
+    codes, uniques = [], []
+    for c in by:
+        values = frame[c].astype(object).where(frame[c].notna(), None)
+        code, uniq = pd.factorize(values, use_na_sentinel=False)
+        codes.append(code)
+        uniques.append([None if (u is None or (isinstance(u, float) and np.isnan(u))) else u for u in uniq])
+    stacked = np.stack(codes, axis=1)
+    combos, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    keys = [tuple(_plain(uniques[i][k]) for i, k in enumerate(combo)) for combo in combos]
+    return inverse.reshape(-1).astype(np.int32), keys
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def aggregate_block(
+    loc: AtlasLocation,
+    task: BlockTask,
+    expr: Expr | None,
+    by: list[str],
+    gene_map: np.ndarray,
+    n_experiments: int,
+    n_genes: int,
+    normalize: str | None,
+) -> Partial:
+    """chunk step: the block's partial sums for the groups present in it."""
+    mode = NORMALIZE_MODES[normalize]
+    columns = list(by) + (["total_counts"] if mode != RAW else [])
+    rows, frame = select(loc, task, expr, columns)
+    if rows.size == 0:
+        return Partial.empty(n_experiments, n_genes)
+    codes, keys = _group_codes(frame, by)
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    store = open_store(loc, task.store)
+    indptr, indices, data = store.read_rows(task.r0 + first, task.r0 + last)
+    row_group = np.full(last - first, -1, dtype=np.int32)
+    row_group[rows - first] = codes
+    row_scale = np.ones(last - first, dtype=np.float64)
+    if mode != RAW:
+        totals = frame["total_counts"].to_numpy(dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            row_scale[rows - first] = np.where(totals > 0, 1e4 / totals, 0.0)
+    g = len(keys)
+    sums = np.zeros((g, n_genes))
+    sumsq = np.zeros((g, n_genes))
+    nexpr = np.zeros((g, n_genes), dtype=np.int64)
+    grouped_moments(indptr, indices, data, row_group, row_scale, gene_map, mode, sums, sumsq, nexpr)
+    counts = np.zeros((g, n_experiments), dtype=np.int64)
+    counts[:, task.experiment] = np.bincount(codes, minlength=g)
+    return Partial(keys, counts, sums, sumsq, nexpr)
+
+
+def extract_block(
+    loc: AtlasLocation, task: BlockTask, expr: Expr | None, columns: list[str], gene_map: np.ndarray, n_genes: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """The matching cells' obs and their CSR rows over the output genes."""
+    rows, frame = select(loc, task, expr, columns)
+    store = open_store(loc, task.store)
+    if rows.size == 0:
+        return frame, np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    indptr, indices, data = store.read_rows(task.r0 + first, task.r0 + last)
+    nnz = int(indptr[-1])
+    out_indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    out_indices = np.empty(nnz, dtype=np.int32)
+    out_data = np.empty(nnz, dtype=data.dtype)
+    used = select_rows(indptr, indices, data, rows - first, gene_map, out_indptr, out_indices, out_data)
+    return frame, out_indptr, out_indices[:used], out_data[:used]
+
+
+def obs_names_block(loc: AtlasLocation, task: BlockTask, rows: np.ndarray) -> np.ndarray:
+    store = open_store(loc, task.store)
+    obs = store.group["obs"]
+    key = obs.attrs.get("_index", "_index")
+    return np.asarray(obs[key][task.r0 : task.r1])[rows]

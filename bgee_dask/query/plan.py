@@ -1,0 +1,130 @@
+"""Planning a query from the catalog alone: which experiments, which blocks, which genes.
+
+The filter is first evaluated on the catalog's runs table with three-valued logic: runs that
+certainly fail are dropped, and with them every block and experiment holding none of the
+rest. What remains is one task per storage block touched, narrowed to the rows that may
+match; the tasks decide the remaining uncertainty cell by cell.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..atlas.catalog import AtlasCatalog
+from .filter import Expr, evaluate_partial
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """Rows ``[r0, r1)`` of one experiment's store, inside one storage block."""
+
+    experiment: int  # position in QueryPlan.experiments
+    store: str
+    r0: int
+    r1: int
+
+
+@dataclass
+class QueryPlan:
+    experiments: pd.DataFrame  # catalog rows of the experiments that may hold matching cells
+    tasks: list[BlockTask]
+    gene_ids: pd.Index  # output genes
+    gene_symbols: np.ndarray | None
+    gene_maps: list[np.ndarray]  # per experiment: its var position -> output gene column, or -1
+    measured: np.ndarray  # (n_experiments, n_genes) bool
+
+
+def check_columns(catalog: AtlasCatalog, columns: Sequence[str], what: str) -> None:
+    """Every referenced column must exist in some experiment; otherwise name it and its near misses."""
+    known: set[str] = set(catalog.runs.columns) - {"experiment", "row_start", "row_stop"}
+    if "obs_columns" in catalog.experiments:
+        for cols in catalog.experiments["obs_columns"]:
+            known.update(list(cols))
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        hints = {c: difflib.get_close_matches(c, sorted(known), n=3) for c in unknown}
+        detail = "; ".join(f"{c!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for c, h in hints.items())
+        raise KeyError(f"unknown {what} column {detail}")
+
+
+def _candidate_runs(catalog: AtlasCatalog, expr: Expr | None) -> pd.DataFrame:
+    runs = catalog.runs
+    if expr is None or runs.empty:
+        return runs
+    available = set(runs.columns) - {"row_start", "row_stop"}
+    state = evaluate_partial(expr, runs, available)
+    return runs[np.asarray(state) != 0]
+
+
+def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Sequence[str] | None):
+    """Output gene ids (and symbols) for the query; unknown names are an error listing them."""
+    table = catalog.genes
+    table = table[table["experiment"].isin(experiments["experiment"])]
+    if genes is None:
+        ids = pd.Index(sorted(table["gene_id"].astype(str).unique()))
+    else:
+        wanted = [str(g) for g in genes]
+        by_id = set(table["gene_id"].astype(str))
+        symbols = table.dropna(subset=["gene_symbol"]) if "gene_symbol" in table else table.iloc[:0]
+        sym_to_ids = symbols.groupby(symbols["gene_symbol"].astype(str))["gene_id"].agg(lambda s: sorted(set(s)))
+        ordered: list[str] = []
+        unknown = []
+        for g in wanted:
+            if g in by_id:
+                ordered.append(g)
+            elif g in sym_to_ids.index:
+                ordered.extend(sym_to_ids[g])
+            else:
+                unknown.append(g)
+        if unknown:
+            raise KeyError(
+                f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
+            )
+        ids = pd.Index(list(dict.fromkeys(ordered)))
+    symbols_out = None
+    if "gene_symbol" in table and table["gene_symbol"].notna().any():
+        first = table.dropna(subset=["gene_symbol"]).drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
+        symbols_out = first.reindex(ids).astype(object).to_numpy()
+    return ids, symbols_out
+
+
+def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | None) -> QueryPlan:
+    runs = _candidate_runs(catalog, expr)
+    exps = catalog.experiments
+    keep = exps["experiment"].isin(runs["experiment"].unique()) if len(runs) else exps["experiment"].isin([])
+    experiments = exps[keep].reset_index(drop=True)
+    gene_ids, gene_symbols = resolve_genes(catalog, experiments if len(experiments) else exps, genes)
+    position = pd.Series(np.arange(len(gene_ids)), index=gene_ids)
+    gene_table = catalog.genes
+    gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
+    tasks: list[BlockTask] = []
+    for e, row in experiments.iterrows():
+        g = gene_table[gene_table["experiment"] == row["experiment"]]
+        gmap = np.full(int(row["n_genes"]), -1, dtype=np.int32)
+        cols = position.reindex(g["gene_id"].astype(str)).to_numpy()
+        hit = ~np.isnan(cols)
+        gmap[g["gene_index"].to_numpy()[hit]] = cols[hit].astype(np.int32)
+        measured[e, cols[hit].astype(np.int64)] = True
+        gene_maps.append(gmap)
+        r = runs[runs["experiment"] == row["experiment"]]
+        blocks = np.asarray(row["row_blocks"], dtype=np.int64)
+        tasks.extend(_block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks))
+    return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured)
+
+
+def _block_tasks(e: int, store: str, starts: np.ndarray, stops: np.ndarray, blocks: np.ndarray) -> list[BlockTask]:
+    """One task per block overlapping a candidate run, covering only the candidate rows' span."""
+    out = []
+    for b0, b1 in zip(blocks[:-1].tolist(), blocks[1:].tolist(), strict=True):
+        inside = (starts < b1) & (stops > b0)
+        if not inside.any():
+            continue
+        r0 = max(b0, int(starts[inside].min()))
+        r1 = min(b1, int(stops[inside].max()))
+        out.append(BlockTask(e, store, r0, r1))
+    return out

@@ -1,0 +1,230 @@
+"""A selection of cells across an atlas, and what can be computed from it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import xarray as xr
+
+from .._runtime import cpu_count, current_client
+from ..atlas.catalog import AtlasCatalog
+from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS
+from . import blocks
+from .filter import Expr, parse_filter
+from .plan import QueryPlan, check_columns, make_plan
+from .reduction import Partial, check_stats, combine, finalize
+
+#: Partials merged per combine task of the tree reduction.
+FAN_IN = 8
+OBS_COLUMNS = [*CANONICAL_COLUMNS, *DERIVED_COLUMNS]
+
+
+class Query:
+    """Cells matching ``filter`` in every experiment of an atlas, restricted to ``genes``."""
+
+    def __init__(
+        self,
+        catalog: AtlasCatalog,
+        filter: str | None = None,
+        genes: Sequence[str] | str | None = None,
+        client: Any | None = None,
+    ):
+        self.catalog = catalog
+        self.location = catalog.location
+        self.filter_text = filter
+        self.expr: Expr | None = parse_filter(filter) if filter is not None and filter.strip() else None
+        if self.expr is not None:
+            check_columns(catalog, sorted(self.expr.columns()), "filter")
+        if isinstance(genes, str):
+            genes = [genes]
+        self.genes = list(genes) if genes is not None else None
+        self.client = client
+        # Planning reads only the catalog, so unknown genes fail here rather than mid-compute.
+        self.plan: QueryPlan = make_plan(self.catalog, self.expr, self.genes)
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (
+            f"<Query filter={self.filter_text!r}: {len(p.experiments)} experiments, {len(p.tasks)} blocks, "
+            f"{len(p.gene_ids)} genes>"
+        )
+
+    # -- execution -----------------------------------------------------------------------
+    def _compute(self, *values: Any) -> tuple:
+        client = self.client or current_client()
+        if client is not None:
+            futures = client.compute(list(values))
+            return tuple(client.gather(futures))
+        return dask.compute(*values, scheduler="threads", num_workers=cpu_count())
+
+    # -- results ---------------------------------------------------------------------------
+    def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The matching cells' metadata (canonical columns by default), indexed by cell name."""
+        cols = list(columns) if columns is not None else OBS_COLUMNS
+        check_columns(self.catalog, cols, "obs")
+        plan = self.plan
+        parts = [dask.delayed(_obs_block)(self.location, t, self.expr, cols) for t in plan.tasks]
+        frames = self._compute(*parts) if parts else ()
+        return _concat_obs(frames, cols)
+
+    def aggregate(
+        self,
+        by: Sequence[str] | str,
+        stats: Sequence[str] = ("sum", "mean", "var", "n_expressed", "frac_expressed"),
+        normalize: str | None = None,
+    ) -> xr.Dataset:
+        """Pseudobulk statistics per group of cells and gene (see ``reduction.py`` for the semantics)."""
+        by = [by] if isinstance(by, str) else list(by)
+        stats = check_stats(stats)
+        if normalize not in blocks.NORMALIZE_MODES:
+            raise ValueError(f"unknown normalize {normalize!r}; choose None, 'cp10k' or 'log1p_cp10k'")
+        check_columns(self.catalog, by, "group-by")
+        plan = self.plan
+        n_exp, n_genes = len(plan.experiments), len(plan.gene_ids)
+        maps = [dask.delayed(m, pure=True) for m in plan.gene_maps]
+        layer = [
+            dask.delayed(blocks.aggregate_block, pure=True)(
+                self.location, t, self.expr, by, maps[t.experiment], n_exp, n_genes, normalize
+            )
+            for t in plan.tasks
+        ]
+        while len(layer) > 1:
+            layer = [dask.delayed(_combine_list)(layer[i : i + FAN_IN]) for i in range(0, len(layer), FAN_IN)]
+        partial = self._compute(layer[0])[0] if layer else Partial.empty(n_exp, n_genes)
+        return _to_dataset(partial, plan, by, stats, normalize)
+
+    def to_anndata(self):
+        """The matching cells as an in-memory AnnData (sparse X over the query's genes).
+
+        Genes an experiment did not measure are 0 in X; ``uns['measured']`` says which
+        (experiment x gene) pairs were measured.
+        """
+        import anndata
+
+        plan = self.plan
+        parts = [
+            dask.delayed(blocks.extract_block)(
+                self.location, t, self.expr, OBS_COLUMNS, plan.gene_maps[t.experiment], len(plan.gene_ids)
+            )
+            for t in plan.tasks
+        ]
+        names = [dask.delayed(_names_block)(self.location, t, self.expr) for t in plan.tasks]
+        results = self._compute(*parts, *names) if parts else ()
+        pieces, name_parts = results[: len(parts)], results[len(parts) :]
+        obs = _concat_obs([p[0] for p in pieces], OBS_COLUMNS)
+        obs.index = pd.Index(np.concatenate(name_parts) if name_parts else [], dtype=object).astype(str)
+        x = _stack_csr([p[1:] for p in pieces], len(plan.gene_ids))
+        var = pd.DataFrame(index=pd.Index(plan.gene_ids, name="gene_id"))
+        if plan.gene_symbols is not None:
+            var["gene_symbol"] = plan.gene_symbols
+        measured = pd.DataFrame(plan.measured, index=plan.experiments["experiment"].tolist(), columns=plan.gene_ids)
+        adata = anndata.AnnData(X=x, obs=obs, var=var)
+        adata.uns["measured"] = measured
+        adata.obs_names_make_unique()
+        return adata
+
+    def to_dask(self):
+        """The selection as a dask array of ``sparse.COO`` blocks (one per storage block touched).
+
+        Blocks are COO rather than scipy matrices because dask's reductions work on them.
+        """
+        import dask.array as da
+        import sparse
+
+        plan = self.plan
+        sizes = self._compute(*[dask.delayed(_count_block)(self.location, t, self.expr) for t in plan.tasks])
+        n_genes = len(plan.gene_ids)
+        arrays = []
+        for t, n in zip(plan.tasks, sizes, strict=True):
+            if n == 0:
+                continue
+            block = dask.delayed(_coo_block)(self.location, t, self.expr, plan.gene_maps[t.experiment], n_genes)
+            meta = sparse.COO.from_numpy(np.zeros((0, n_genes), dtype=np.float32))
+            arrays.append(da.from_delayed(block, shape=(int(n), n_genes), dtype=np.float32, meta=meta))
+        if not arrays:
+            return da.from_array(sparse.COO.from_numpy(np.zeros((0, n_genes), dtype=np.float32)), chunks=(0, n_genes))
+        return da.concatenate(arrays, axis=0)
+
+
+# -- task helpers (top-level so that they pickle) --------------------------------------------
+def _obs_block(loc, task, expr, cols) -> pd.DataFrame:
+    rows, frame = blocks.select(loc, task, expr, cols)
+    frame.index = blocks.obs_names_block(loc, task, rows)
+    return frame
+
+
+def _names_block(loc, task, expr) -> np.ndarray:
+    rows, _ = blocks.select(loc, task, expr, [])
+    return blocks.obs_names_block(loc, task, rows)
+
+
+def _count_block(loc, task, expr) -> int:
+    rows, _ = blocks.select(loc, task, expr, [])
+    return int(rows.size)
+
+
+def _coo_block(loc, task, expr, gene_map, n_genes):
+    import sparse
+
+    _, indptr, indices, data = blocks.extract_block(loc, task, expr, [], gene_map, n_genes)
+    m = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(indptr) - 1, n_genes))
+    return sparse.COO.from_scipy_sparse(m)
+
+
+def _combine_list(parts: list[Partial]) -> Partial:
+    return combine(parts)
+
+
+def _concat_obs(frames, cols) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    for f in frames:  # categoricals with different categories would turn into object anyway
+        for c in f.columns:
+            if isinstance(f[c].dtype, pd.CategoricalDtype):
+                f[c] = f[c].astype(object)
+    out = pd.concat(frames)
+    for c in out.columns:
+        if out[c].dtype == object and out[c].nunique(dropna=True) < max(2, len(out) // 2):
+            out[c] = out[c].astype("category")
+    return out
+
+
+def _stack_csr(pieces, n_genes: int) -> sp.csr_matrix:
+    mats = [sp.csr_matrix((d, i, p), shape=(len(p) - 1, n_genes)) for p, i, d in pieces if len(p) > 1]
+    if not mats:
+        return sp.csr_matrix((0, n_genes), dtype=np.float32)
+    return sp.vstack(mats, format="csr")
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple((v is None, str(v) if not isinstance(v, (int, float)) else v) for v in key)
+
+
+def _to_dataset(partial: Partial, plan: QueryPlan, by: list[str], stats: list[str], normalize) -> xr.Dataset:
+    order = sorted(range(len(partial.keys)), key=lambda i: _sort_key(partial.keys[i]))
+    partial = Partial(
+        [partial.keys[i] for i in order],
+        partial.counts[order],
+        partial.sums[order],
+        partial.sumsq[order],
+        partial.nexpr[order],
+    )
+    values = finalize(partial, plan.measured, stats)
+    coords: dict[str, Any] = {"gene": ("gene", np.asarray(plan.gene_ids, dtype=object))}
+    if plan.gene_symbols is not None:
+        coords["gene_symbol"] = ("gene", plan.gene_symbols)
+    for i, col in enumerate(by):
+        coords[col] = ("group", np.asarray([k[i] for k in partial.keys], dtype=object))
+    data_vars = {"n_cells": (("group",), values["n_cells"])}
+    data_vars["n_measured"] = (("group", "gene"), values["n_measured"])
+    for s in stats:
+        data_vars[s] = (("group", "gene"), values[s])
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update({"by": list(by), "stats": list(stats), "normalize": str(normalize)})
+    return ds

@@ -1,0 +1,120 @@
+"""Reading one experiment store: row ranges of X and columns of obs, for query tasks.
+
+Opening costs one request (the consolidated metadata in the root ``zarr.json``). A Dask
+worker keeps recently used stores open, so the tasks of one query share shard indexes and
+categorical dictionaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
+from .shard_reader import ShardedArrayReader
+
+
+class ExperimentStore:
+    """An open experiment store."""
+
+    def __init__(self, store: zarr.abc.store.Store, name: str = ""):
+        self.name = name or str(store)
+        self.group = zarr.open_group(store, mode="r", use_consolidated=True)
+        attrs = dict(self.group.attrs)
+        self.attrs = attrs.get(ATTRS_KEY, {})
+        if self.attrs.get("format") != FORMAT_NAME:
+            raise ValueError(f"{self.name}: not a bgee-dask experiment store")
+        if str(self.attrs.get("format_version", "")).split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise ValueError(f"{self.name}: store format {self.attrs.get('format_version')} is not readable here")
+        if not self.attrs.get("complete"):
+            raise ValueError(f"{self.name}: store is incomplete (its conversion did not finish)")
+        x = self.group["X"]
+        self.shape = tuple(int(s) for s in x.attrs["shape"])
+        self._indptr = ShardedArrayReader(x["indptr"])
+        self._indices = ShardedArrayReader(x["indices"])
+        self._data = ShardedArrayReader(x["data"])
+        self._categories: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def requests(self) -> int:
+        return self._indptr.requests + self._indices.requests + self._data.requests
+
+    @property
+    def bytes_read(self) -> int:
+        return self._indptr.bytes_read + self._indices.bytes_read + self._data.bytes_read
+
+    def read_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR pieces of rows ``[r0, r1)`` (indptr rebased to 0)."""
+        indptr = self._indptr.read(r0, r1 + 1)
+        a, b = int(indptr[0]), int(indptr[-1])
+        return indptr - a, self._indices.read(a, b), self._data.read(a, b)
+
+    def obs_column(self, name: str, r0: int, r1: int) -> pd.Series:
+        """Rows ``[r0, r1)`` of an obs column; categoricals keep their full category list."""
+        obs = self.group["obs"]
+        if name not in obs:
+            raise KeyError(name)
+        node = obs[name]
+        enc = node.attrs.get("encoding-type")
+        if enc == "categorical":
+            cats = self._category_values(name, node)
+            codes = node["codes"][r0:r1]
+            return pd.Series(pd.Categorical.from_codes(codes.astype(np.int64), categories=cats))
+        if enc in ("nullable-integer", "nullable-boolean"):
+            values = node["values"][r0:r1]
+            mask = node["mask"][r0:r1]
+            dtype = "Int64" if enc == "nullable-integer" else "boolean"
+            return pd.Series(pd.array(values, dtype=dtype)).mask(mask)
+        if enc in ("nullable-string-array",):
+            values = node["values"][r0:r1]
+            mask = node["mask"][r0:r1]
+            return pd.Series(pd.array(values, dtype="string")).mask(mask)
+        return pd.Series(node[r0:r1])
+
+    def obs_columns(self) -> list[str]:
+        return list(self.group["obs"].attrs.get("column-order", []))
+
+    def _category_values(self, name: str, node: zarr.Group) -> pd.Index:
+        with self._lock:
+            if name not in self._categories:
+                self._categories[name] = pd.Index(node["categories"][:])
+            return self._categories[name]
+
+    def var_names(self) -> pd.Index:
+        var = self.group["var"]
+        index_key = var.attrs.get("_index", "_index")
+        return pd.Index(var[index_key][:])
+
+
+class _LRU:
+    """A small process-wide cache of open stores (thread-safe)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._items: OrderedDict[Hashable, ExperimentStore] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, opener: Callable[[], ExperimentStore]) -> ExperimentStore:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        store = opener()
+        with self._lock:
+            self._items[key] = store
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return store
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+OPEN_STORES = _LRU()

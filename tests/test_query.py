@@ -1,0 +1,256 @@
+"""Query results against references computed from the source H5AD files with anndata/numpy/scanpy."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import bgee_dask as bd
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bgee"
+STATS = ["sum", "mean", "var", "n_expressed", "frac_expressed"]
+
+
+@pytest.fixture(scope="module")
+def sources() -> list[str]:
+    files = sorted(glob.glob(str(SHARED / "Homo_sapiens" / "*.h5ad")) + glob.glob(str(SHARED / "Mus_musculus" / "*.h5ad")))
+    assert len(files) == 7, f"shared Bgee files missing under {SHARED}"
+    return files
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory, sources):
+    out = tmp_path_factory.mktemp("atlas")
+    reports = bd.convert(sources, out, workers=1, progress=False)
+    assert all(r.status == "converted" for r in reports), [r.message for r in reports]
+    return bd.open_atlas(out)
+
+
+@pytest.fixture(scope="module")
+def reference(sources) -> dict[str, ad.AnnData]:
+    """The source files as anndata reads them, with experimentId from the file name."""
+    out = {}
+    for f in sources:
+        a = ad.read_h5ad(f)
+        exp = os.path.basename(f).split("_")[2]
+        a.obs["experimentId"] = exp
+        a.X = sp.csr_matrix(a.X, dtype=np.float64)
+        out[exp] = a
+    return out
+
+
+def _ref_aggregate(refs, mask_fn, by, genes, normalize=None):
+    """Per group and gene: sum, sum of squares, expressing cells, cells measured; plus exact var via numpy."""
+    acc: dict[tuple, dict[str, np.ndarray]] = {}
+    dense_values: dict[tuple, list[np.ndarray]] = {}
+    for exp, a in refs.items():
+        mask = mask_fn(a.obs)
+        if not mask.any():
+            continue
+        x = a.X[np.flatnonzero(mask)]
+        if normalize:
+            totals = np.asarray(a.X.sum(axis=1)).ravel()[mask]
+            with np.errstate(divide="ignore"):
+                x = sp.diags(np.where(totals > 0, 1e4 / totals, 0.0)) @ x
+            if normalize == "log1p_cp10k":
+                x = x.log1p()
+        cols = pd.Index(a.var_names).get_indexer(genes)
+        measured = cols >= 0
+        xg = x[:, np.where(measured, cols, 0)].toarray()
+        xg[:, ~measured] = 0.0
+        obs = a.obs[mask].reset_index(drop=True)
+        keys = obs[by].astype(str).agg("\t".join, axis=1) if by else pd.Series([""] * len(obs))
+        for key, idx in keys.groupby(keys).groups.items():
+            v = xg[np.asarray(idx)]
+            slot = acc.setdefault(key, {"sum": 0.0, "n_expressed": 0, "n_measured": 0, "n_cells": 0})
+            slot["sum"] = slot["sum"] + np.where(measured, v.sum(axis=0), 0.0)
+            slot["n_expressed"] = slot["n_expressed"] + (v > 0).sum(axis=0)
+            slot["n_measured"] = slot["n_measured"] + np.where(measured, len(idx), 0)
+            slot["n_cells"] += len(idx)
+            dense_values.setdefault(key, []).append(np.where(measured, v, np.nan))
+    result = {}
+    for key, slot in acc.items():
+        allv = np.concatenate(dense_values[key], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nm = slot["n_measured"]
+            var = np.array([np.var(col[~np.isnan(col)], ddof=1) if (~np.isnan(col)).sum() > 1 else np.nan for col in allv.T])
+            result[key] = {
+                "n_cells": slot["n_cells"],
+                "n_measured": nm,
+                "sum": np.where(nm > 0, slot["sum"], np.nan),
+                "mean": np.where(nm > 0, slot["sum"] / nm, np.nan),
+                "var": var,
+                "n_expressed": slot["n_expressed"],
+                "frac_expressed": np.where(nm > 0, slot["n_expressed"] / nm, np.nan),
+            }
+    return result
+
+
+def _check(ds, ref, by):
+    keys = ["\t".join(str(ds[c].values[i]) for c in by) if by else "" for i in range(ds.sizes["group"])]
+    assert sorted(keys) == sorted(ref), (sorted(keys)[:5], sorted(ref)[:5])
+    for i, key in enumerate(keys):
+        r = ref[key]
+        assert int(ds["n_cells"].values[i]) == r["n_cells"]
+        np.testing.assert_array_equal(ds["n_measured"].values[i], r["n_measured"])
+        for stat in STATS:
+            if stat in ds:
+                np.testing.assert_allclose(ds[stat].values[i], r[stat], rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=stat)
+
+
+def _genes_sample(refs, n=60, seed=0):
+    """Genes measured in one, several or all experiments of a species, plus their union."""
+    rng = np.random.default_rng(seed)
+    pool = sorted(set().union(*[set(a.var_names) for a in refs.values()]))
+    return sorted(rng.choice(pool, size=n, replace=False).tolist())
+
+
+def test_full_scan_every_stat_against_numpy(atlas, reference):
+    refs = {e: a for e, a in reference.items() if a.obs["speciesId"].iloc[0] == 9606}
+    genes = _genes_sample(refs)
+    ds = atlas.query("speciesId == 9606", genes=genes).aggregate(by=["cellTypeId"], stats=STATS)
+    assert list(ds["gene"].values) == genes
+    ref = _ref_aggregate(refs, lambda o: np.ones(len(o), bool), ["cellTypeId"], genes)
+    _check(ds, ref, ["cellTypeId"])
+
+
+@pytest.mark.parametrize("normalize", ["cp10k", "log1p_cp10k"])
+def test_normalize_modes(atlas, reference, normalize):
+    refs = {e: a for e, a in reference.items() if a.obs["speciesId"].iloc[0] == 10090}
+    genes = _genes_sample(refs, n=40, seed=1)
+    ds = atlas.query("speciesId == 10090", genes=genes).aggregate(by="anatEntityId", stats=STATS, normalize=normalize)
+    ref = _ref_aggregate(refs, lambda o: np.ones(len(o), bool), ["anatEntityId"], genes, normalize=normalize)
+    _check(ds, ref, ["anatEntityId"])
+
+
+def test_multi_key_grouping_and_filter(atlas, reference):
+    genes = _genes_sample(reference, n=50, seed=2)
+    flt = "cellTypeId in ['CL:0000236', 'CL:0000624', 'GO:0005575'] and libID != 'SRXT010003'"
+    by = ["cellTypeId", "libID", "experimentId"]
+    ds = atlas.query(flt, genes=genes).aggregate(by=by, stats=STATS)
+
+    def mask(o):
+        return o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000624", "GO:0005575"]).to_numpy() & (
+            o["libID"].astype(str) != "SRXT010003"
+        ).to_numpy()
+
+    _check(ds, _ref_aggregate(reference, mask, by, genes), by)
+
+
+def test_missing_genes_do_not_count_as_zero(atlas, reference):
+    # A symbol-named gene measured in some experiments only: its n_measured excludes the others' cells.
+    in_2 = set(reference["SRPT00002"].var_names)
+    in_3 = set(reference["SRPT00003"].var_names)
+    gene = sorted(in_2 - in_3)[0]
+    ds = atlas.query("experimentId in ['SRPT00002', 'SRPT00003']", genes=[gene]).aggregate(by="experimentId")
+    by_exp = {str(e): i for i, e in enumerate(ds["experimentId"].values)}
+    assert ds["n_measured"].values[by_exp["SRPT00003"], 0] == 0
+    assert np.isnan(ds["mean"].values[by_exp["SRPT00003"], 0])
+    assert ds["n_measured"].values[by_exp["SRPT00002"], 0] == reference["SRPT00002"].n_obs
+
+
+def test_scanpy_aggregate_agrees_on_one_experiment(atlas, reference):
+    sc = pytest.importorskip("scanpy")
+    a = reference["SRPT00001"]
+    ds = atlas.query("experimentId == 'SRPT00001'").aggregate(by="cellTypeId", stats=["sum", "mean", "var", "n_expressed"])
+    ref = sc.get.aggregate(a, by="cellTypeId", func=["sum", "mean", "var", "count_nonzero"])
+    ds = ds.sel(gene=list(a.var_names))
+    for i, ct in enumerate(ds["cellTypeId"].values):
+        j = list(ref.obs_names).index(str(ct))
+        np.testing.assert_allclose(ds["sum"].values[i], np.asarray(ref.layers["sum"][j]).ravel(), rtol=1e-9)
+        np.testing.assert_allclose(ds["mean"].values[i], np.asarray(ref.layers["mean"][j]).ravel(), rtol=1e-9)
+        np.testing.assert_allclose(ds["var"].values[i], np.asarray(ref.layers["var"][j]).ravel(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(ds["n_expressed"].values[i], np.asarray(ref.layers["count_nonzero"][j]).ravel())
+
+
+@pytest.mark.parametrize(
+    "flt, fn",
+    [
+        ("cellTypeId == 'CL:0000236'", lambda o: o["cellTypeId"].astype(str) == "CL:0000236"),
+        ("cellTypeId != 'CL:0000236'", lambda o: o["cellTypeId"].astype(str) != "CL:0000236"),
+        ("SampleId < 3002", lambda o: o["SampleId"] < 3002),
+        ("SampleId <= 3002", lambda o: o["SampleId"] <= 3002),
+        ("SampleId > 7050", lambda o: o["SampleId"] > 7050),
+        ("SampleId >= 7050", lambda o: o["SampleId"] >= 7050),
+        ("libID in ['SRXT010001', 'SRXT070002']", lambda o: o["libID"].astype(str).isin(["SRXT010001", "SRXT070002"])),
+        ("anatEntityId not in ['UBERON:0000178']", lambda o: ~o["anatEntityId"].astype(str).isin(["UBERON:0000178"])),
+        (
+            "(cellTypeId == 'CL:0000236' or cellTypeId == 'CL:0000625') and not (libID == 'SRXT030001')",
+            lambda o: o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000625"]) & (o["libID"].astype(str) != "SRXT030001"),
+        ),
+        ("cellTypeAuthorAnnotation == 'CD19+ B'", lambda o: o["cellTypeAuthorAnnotation"].astype(str) == "CD19+ B"),
+        ("barcodes == 'AAACCTGAGATAGGAG'", lambda o: o["barcodes"].astype(str) == "AAACCTGAGATAGGAG"),
+    ],
+)
+def test_filter_operators_select_the_reference_cells(atlas, reference, flt, fn):
+    got = atlas.query(flt).obs()
+    expected = set()
+    for exp, a in reference.items():
+        m = np.asarray(fn(a.obs), dtype=bool)
+        expected |= {(exp, n) for n in a.obs_names[m]}
+    assert set(zip(got["experimentId"].astype(str), got.index.astype(str), strict=True)) == expected
+
+
+def test_selective_filter_reads_only_matching_experiments(atlas):
+    q = atlas.query("experimentId == 'SRPT00003' and cellTypeId == 'CL:0000625'")
+    assert list(q.plan.experiments["experimentId"]) == ["SRPT00003"]
+    assert len(q.plan.tasks) == 1
+
+
+def test_empty_selection_gives_empty_dataset(atlas):
+    ds = atlas.query("cellTypeId == 'CL:9999999'").aggregate(by="cellTypeId")
+    assert ds.sizes["group"] == 0
+    assert atlas.query("cellTypeId == 'CL:9999999'").obs().empty
+
+
+def test_bad_filters_and_genes_are_clear_errors(atlas):
+    with pytest.raises(ValueError, match="position"):
+        atlas.query("cellTypeId == ")
+    with pytest.raises(KeyError, match="celltypeid"):
+        atlas.query("celltypeid == 'x'")
+    with pytest.raises(KeyError, match="NOT_A_GENE"):
+        atlas.query(genes=["NOT_A_GENE", "CD3E"])
+    with pytest.raises(KeyError, match="nope"):
+        atlas.query().aggregate(by="nope")
+
+
+def test_to_anndata_matches_sources(atlas, reference):
+    adata = atlas.query("experimentId in ['SRPT00003', 'SRPT00004']").to_anndata()
+    for exp in ("SRPT00003", "SRPT00004"):
+        a = reference[exp]
+        sub = adata[adata.obs["experimentId"] == exp]
+        cols = pd.Index(sub.var_names).get_indexer(a.var_names)
+        got = sub.X[:, cols]
+        want = a[sub.obs_names].X
+        assert abs(got - want).max() == 0
+
+
+def test_to_dask_reductions(atlas, reference):
+    x = atlas.query("experimentId == 'SRPT00001'").to_dask()
+    a = reference["SRPT00001"]
+    assert x.shape[0] == a.n_obs
+    total = float(x.sum().compute())
+    assert total == pytest.approx(float(a.X.sum()))
+    col = x.sum(axis=0).compute()
+    genes = atlas.query("experimentId == 'SRPT00001'").plan.gene_ids
+    want = np.asarray(a[:, list(genes)].X.sum(axis=0)).ravel()
+    np.testing.assert_allclose(np.asarray(col.todense() if hasattr(col, "todense") else col), want, rtol=1e-6)
+
+
+def test_distributed_cluster_gives_the_same_numbers(atlas):
+    from distributed import Client, LocalCluster
+
+    genes = list(atlas.query("experimentId == 'SRPT00002'").plan.gene_ids[:300])
+    local = atlas.query("speciesId == 9606", genes=genes).aggregate(by=["cellTypeId"], stats=STATS)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            remote = atlas.query("speciesId == 9606", genes=genes, client=client).aggregate(by=["cellTypeId"], stats=STATS)
+    for v in ["n_cells", "n_measured", *STATS]:
+        np.testing.assert_array_equal(local[v].values, remote[v].values)
