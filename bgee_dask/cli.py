@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tmp-dir", help="folder for the spill files of large conversions (default: system temp)")
     p.add_argument("--json", action="store_true", help="print the per-file reports as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-gene-index",
+        action="store_true",
+        help="skip the gene-major copy (smaller atlas, slower gene-slice queries)",
+    )
     _add_cluster_options(p)
 
     p = sub.add_parser("info", help="list the experiments of an atlas")
@@ -112,6 +117,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         experiment_id=args.experiment_id,
         species=args.species,
         tmp_dir=args.tmp_dir,
+        gene_index=not args.no_gene_index,
     )
     if args.scheduler or args.cluster or args.memory_limit:
         from .cluster import client_for

@@ -144,9 +144,12 @@ def detect_layout(obs_columns: list[str], top_keys: set[str], uns_keys: set[str]
         return "B"
     if "anatId" in cols:
         return "C"
+    # B's own columns include "barcodes", so its library_id must be looked at before the doc rule
+    if {"anatEntityId", "cellTypeId", "library_id"} <= cols and "libID" not in cols:
+        return "B"
     if {"barcodes", "anatEntityId", "cellTypeId"} <= cols:
         return "doc"
-    if {"anatEntityId", "cellTypeId"} <= cols and ("barcode" in cols or "library_id" in cols):
+    if {"anatEntityId", "cellTypeId"} <= cols and "barcode" in cols:
         return "B"
     raise ValueError(
         "unknown layout: obs has none of the column sets of Bgee's layouts "

@@ -20,7 +20,9 @@ STATS = ["sum", "mean", "var", "n_expressed", "frac_expressed"]
 
 @pytest.fixture(scope="module")
 def sources() -> list[str]:
-    files = sorted(glob.glob(str(SHARED / "Homo_sapiens" / "*.h5ad")) + glob.glob(str(SHARED / "Mus_musculus" / "*.h5ad")))
+    files = sorted(
+        glob.glob(str(SHARED / "Homo_sapiens" / "*.h5ad")) + glob.glob(str(SHARED / "Mus_musculus" / "*.h5ad"))
+    )
     assert len(files) == 7, f"shared Bgee files missing under {SHARED}"
     return files
 
@@ -50,7 +52,7 @@ def _ref_aggregate(refs, mask_fn, by, genes, normalize=None):
     """Per group and gene: sum, sum of squares, expressing cells, cells measured; plus exact var via numpy."""
     acc: dict[tuple, dict[str, np.ndarray]] = {}
     dense_values: dict[tuple, list[np.ndarray]] = {}
-    for exp, a in refs.items():
+    for a in refs.values():
         mask = mask_fn(a.obs)
         if not mask.any():
             continue
@@ -80,7 +82,9 @@ def _ref_aggregate(refs, mask_fn, by, genes, normalize=None):
         allv = np.concatenate(dense_values[key], axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             nm = slot["n_measured"]
-            var = np.array([np.var(col[~np.isnan(col)], ddof=1) if (~np.isnan(col)).sum() > 1 else np.nan for col in allv.T])
+            var = np.array(
+                [np.var(col[~np.isnan(col)], ddof=1) if (~np.isnan(col)).sum() > 1 else np.nan for col in allv.T]
+            )
             result[key] = {
                 "n_cells": slot["n_cells"],
                 "n_measured": nm,
@@ -102,7 +106,9 @@ def _check(ds, ref, by):
         np.testing.assert_array_equal(ds["n_measured"].values[i], r["n_measured"])
         for stat in STATS:
             if stat in ds:
-                np.testing.assert_allclose(ds[stat].values[i], r[stat], rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=stat)
+                np.testing.assert_allclose(
+                    ds[stat].values[i], r[stat], rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=stat
+                )
 
 
 def _genes_sample(refs, n=60, seed=0):
@@ -112,17 +118,27 @@ def _genes_sample(refs, n=60, seed=0):
     return sorted(rng.choice(pool, size=n, replace=False).tolist())
 
 
-def test_full_scan_every_stat_against_numpy(atlas, reference):
+@pytest.mark.parametrize("gene_path", ["never", "always"])
+def test_full_scan_every_stat_against_numpy(atlas, reference, monkeypatch, gene_path):
+    import bgee_dask.query.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "GENE_PATH_SHARE", 0.0 if gene_path == "never" else float("inf"))
     refs = {e: a for e, a in reference.items() if a.obs["speciesId"].iloc[0] == 9606}
     genes = _genes_sample(refs)
-    ds = atlas.query("speciesId == 9606", genes=genes).aggregate(by=["cellTypeId"], stats=STATS)
+    q = atlas.query("speciesId == 9606", genes=genes)
+    assert bool(q.plan.gene_tasks) == (gene_path == "always")
+    ds = q.aggregate(by=["cellTypeId"], stats=STATS)
     assert list(ds["gene"].values) == genes
     ref = _ref_aggregate(refs, lambda o: np.ones(len(o), bool), ["cellTypeId"], genes)
     _check(ds, ref, ["cellTypeId"])
 
 
+@pytest.mark.parametrize("gene_path", ["never", "always"])
 @pytest.mark.parametrize("normalize", ["cp10k", "log1p_cp10k"])
-def test_normalize_modes(atlas, reference, normalize):
+def test_normalize_modes(atlas, reference, normalize, gene_path, monkeypatch):
+    import bgee_dask.query.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "GENE_PATH_SHARE", 0.0 if gene_path == "never" else float("inf"))
     refs = {e: a for e, a in reference.items() if a.obs["speciesId"].iloc[0] == 10090}
     genes = _genes_sample(refs, n=40, seed=1)
     ds = atlas.query("speciesId == 10090", genes=genes).aggregate(by="anatEntityId", stats=STATS, normalize=normalize)
@@ -130,16 +146,21 @@ def test_normalize_modes(atlas, reference, normalize):
     _check(ds, ref, ["anatEntityId"])
 
 
-def test_multi_key_grouping_and_filter(atlas, reference):
+@pytest.mark.parametrize("gene_path", ["never", "always"])
+def test_multi_key_grouping_and_filter(atlas, reference, gene_path, monkeypatch):
+    import bgee_dask.query.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "GENE_PATH_SHARE", 0.0 if gene_path == "never" else float("inf"))
     genes = _genes_sample(reference, n=50, seed=2)
     flt = "cellTypeId in ['CL:0000236', 'CL:0000624', 'GO:0005575'] and libID != 'SRXT010003'"
     by = ["cellTypeId", "libID", "experimentId"]
     ds = atlas.query(flt, genes=genes).aggregate(by=by, stats=STATS)
 
     def mask(o):
-        return o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000624", "GO:0005575"]).to_numpy() & (
-            o["libID"].astype(str) != "SRXT010003"
-        ).to_numpy()
+        return (
+            o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000624", "GO:0005575"]).to_numpy()
+            & (o["libID"].astype(str) != "SRXT010003").to_numpy()
+        )
 
     _check(ds, _ref_aggregate(reference, mask, by, genes), by)
 
@@ -159,7 +180,9 @@ def test_missing_genes_do_not_count_as_zero(atlas, reference):
 def test_scanpy_aggregate_agrees_on_one_experiment(atlas, reference):
     sc = pytest.importorskip("scanpy")
     a = reference["SRPT00001"]
-    ds = atlas.query("experimentId == 'SRPT00001'").aggregate(by="cellTypeId", stats=["sum", "mean", "var", "n_expressed"])
+    ds = atlas.query("experimentId == 'SRPT00001'").aggregate(
+        by="cellTypeId", stats=["sum", "mean", "var", "n_expressed"]
+    )
     ref = sc.get.aggregate(a, by="cellTypeId", func=["sum", "mean", "var", "count_nonzero"])
     ds = ds.sel(gene=list(a.var_names))
     for i, ct in enumerate(ds["cellTypeId"].values):
@@ -183,7 +206,10 @@ def test_scanpy_aggregate_agrees_on_one_experiment(atlas, reference):
         ("anatEntityId not in ['UBERON:0000178']", lambda o: ~o["anatEntityId"].astype(str).isin(["UBERON:0000178"])),
         (
             "(cellTypeId == 'CL:0000236' or cellTypeId == 'CL:0000625') and not (libID == 'SRXT030001')",
-            lambda o: o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000625"]) & (o["libID"].astype(str) != "SRXT030001"),
+            lambda o: (
+                o["cellTypeId"].astype(str).isin(["CL:0000236", "CL:0000625"])
+                & (o["libID"].astype(str) != "SRXT030001")
+            ),
         ),
         ("cellTypeAuthorAnnotation == 'CD19+ B'", lambda o: o["cellTypeAuthorAnnotation"].astype(str) == "CD19+ B"),
         ("barcodes == 'AAACCTGAGATAGGAG'", lambda o: o["barcodes"].astype(str) == "AAACCTGAGATAGGAG"),
@@ -196,6 +222,19 @@ def test_filter_operators_select_the_reference_cells(atlas, reference, flt, fn):
         m = np.asarray(fn(a.obs), dtype=bool)
         expected |= {(exp, n) for n in a.obs_names[m]}
     assert set(zip(got["experimentId"].astype(str), got.index.astype(str), strict=True)) == expected
+
+
+def test_atlas_without_gene_index_scans_blocks(tmp_path, sources, reference):
+    reports = bd.convert(sources[2:4], tmp_path / "a", workers=1, progress=False, gene_index=False)
+    assert all(r.status == "converted" for r in reports)
+    assert not list((tmp_path / "a").glob("*/*.by_gene.zarr"))
+    atlas = bd.open_atlas(tmp_path / "a")
+    genes = list(reference["SRPT00004"].var_names[:5])
+    q = atlas.query("experimentId == 'SRPT00004'", genes=genes)
+    assert not q.plan.gene_tasks
+    ds = q.aggregate(by="experimentId", stats=["sum"])
+    want = np.asarray(reference["SRPT00004"][:, genes].X.sum(axis=0)).ravel()
+    np.testing.assert_allclose(ds["sum"].values[0], want)
 
 
 def test_selective_filter_reads_only_matching_experiments(atlas):
@@ -249,8 +288,8 @@ def test_distributed_cluster_gives_the_same_numbers(atlas):
 
     genes = list(atlas.query("experimentId == 'SRPT00002'").plan.gene_ids[:300])
     local = atlas.query("speciesId == 9606", genes=genes).aggregate(by=["cellTypeId"], stats=STATS)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            remote = atlas.query("speciesId == 9606", genes=genes, client=client).aggregate(by=["cellTypeId"], stats=STATS)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        remote = atlas.query("speciesId == 9606", genes=genes, client=client).aggregate(by=["cellTypeId"], stats=STATS)
     for v in ["n_cells", "n_measured", *STATS]:
         np.testing.assert_array_equal(local[v].values, remote[v].values)

@@ -25,6 +25,7 @@ from .._runtime import cpu_count, current_client, local_client
 from .._version import __version__
 from ..h5ad.source import H5adSource
 from ..schema import BgeeInputError, parse_bgee_filename
+from ..store.gene_index import gene_index_relpath
 from ..store.layout import store_relpath
 from ..store.writer import write_experiment
 from .catalog import Fragment, consolidate, read_fragment_record, remove_fragment, write_fragment
@@ -113,6 +114,7 @@ def convert_file(
     species: str | None = None,
     tmp_dir: str | None = None,
     in_memory_nnz: int | None = None,
+    gene_index: bool = True,
 ) -> ConversionReport:
     """Convert one file into the atlas; never raises for a bad file, reports it instead."""
     start = time.perf_counter()
@@ -149,18 +151,19 @@ def convert_file(
                     "converter": f"bgee-dask {__version__}",
                     "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 }
-                written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs)
+                written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index)
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
         report.store = rel
-        report.bytes = loc.size(rel)
+        report.bytes = loc.size(rel) + (loc.size(gene_index_relpath(rel)) if gene_index else 0)
         genes = written.var
         symbol_col = next((c for c in ("feature_name", "gene_symbol", "symbol") if c in genes), None)
         gene_table = {
             "gene_id": genes.index.astype(str),
             "gene_symbol": genes[symbol_col].astype(str).to_numpy() if symbol_col else None,
             "gene_index": range(len(genes)),
+            "gene_nnz": written.gene_nnz,
         }
         record = {
             "experimentId": report.experiment_id,
@@ -174,6 +177,7 @@ def convert_file(
             "cpm_in_x": bool(report.cpm_in_x),
             "row_blocks": written.row_blocks,
             "obs_columns": written.obs_columns,
+            "gene_index": gene_index_relpath(rel) if gene_index else None,
             **provenance,
         }
         write_fragment(loc, Fragment(record, written.runs, pd.DataFrame(gene_table)))
@@ -188,38 +192,60 @@ def convert_file(
     return report
 
 
-def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs):
-    """The fragment goes first (so a killed overwrite is redone), then the store, then it is published."""
-    remove_fragment(loc, src.species, src.experiment_id)
+def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index: bool):
+    """Stores first, then the old fragment goes (so a killed overwrite is redone), then the stores are published.
+
+    On local disk both stores are written under temporary names and renamed into place; on an
+    object store, where there is no rename, the fragment written afterwards is what publishes them.
+    """
+    targets = [rel, gene_index_relpath(rel)]
     if loc.is_local:
         parent = os.path.dirname(loc.path(rel))
         os.makedirs(parent, exist_ok=True)
         for name in os.listdir(parent):  # leftovers of killed runs for this experiment
-            if name.startswith(os.path.basename(rel) + ".partial-"):
+            if any(name.startswith(os.path.basename(t) + suffix) for t in targets for suffix in (".partial-", ".old-")):
                 loc.remove(f"{os.path.dirname(rel)}/{name}")
-        partial = f"{rel}.partial-{uuid.uuid4().hex[:8]}"
+        token = uuid.uuid4().hex[:8]
+        partial = {t: f"{t}.partial-{token}" for t in targets}
         try:
             written = write_experiment(
-                src, loc.zarr_store(partial), provenance=provenance, executor=pool, spill_dir=tmp_dir, **kwargs
+                src,
+                loc.zarr_store(partial[rel]),
+                provenance=provenance,
+                executor=pool,
+                spill_dir=tmp_dir,
+                gene_index_store=loc.zarr_store(partial[targets[1]]) if gene_index else None,
+                **kwargs,
             )
-            if loc.exists(rel):
-                old = f"{rel}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(loc.path(rel), loc.path(old))
-                os.replace(loc.path(partial), loc.path(rel))
-                loc.remove(old)
-            else:
-                os.replace(loc.path(partial), loc.path(rel))
+            # Only now: a source that fails validation while streaming must not unlist the experiment.
+            remove_fragment(loc, src.species, src.experiment_id)
+            for t in targets:
+                if loc.exists(t):
+                    os.replace(loc.path(t), loc.path(f"{t}.old-{token}"))
+                if loc.exists(partial[t]):
+                    os.replace(loc.path(partial[t]), loc.path(t))
+                loc.remove(f"{t}.old-{token}")
         except BaseException:
-            loc.remove(partial)
+            for t in targets:
+                loc.remove(partial[t])
             raise
         return written
-    loc.remove(rel)
+    remove_fragment(loc, src.species, src.experiment_id)
+    for t in targets:
+        loc.remove(t)
     try:
         return write_experiment(
-            src, loc.zarr_store(rel), provenance=provenance, executor=pool, spill_dir=tmp_dir, **kwargs
+            src,
+            loc.zarr_store(rel),
+            provenance=provenance,
+            executor=pool,
+            spill_dir=tmp_dir,
+            gene_index_store=loc.zarr_store(targets[1]) if gene_index else None,
+            **kwargs,
         )
     except BaseException:
-        loc.remove(rel)
+        for t in targets:
+            loc.remove(t)
         raise
 
 
@@ -272,8 +298,12 @@ def convert(
     experiment_id: str | None = None,
     species: str | None = None,
     tmp_dir: str | None = None,
+    gene_index: bool = True,
 ) -> list[ConversionReport]:
     """Convert Bgee H5AD files (or folders of them) into the atlas at ``out``.
+
+    ``gene_index`` also writes each experiment's gene-major copy, which makes queries for a few
+    genes read megabytes instead of whole matrices, at the cost of a second copy of the values.
 
     Files are converted in parallel as Dask tasks: on ``client`` when given, else on the
     current client, else on a local cluster started for the call. Bad files are reported, not
@@ -284,7 +314,13 @@ def convert(
     paths = find_sources(sources)
     loc = AtlasLocation(out, storage_options)
     todo, reports = _plan(paths, overwrite, experiment_id, species)
-    kwargs = {"overwrite": overwrite, "experiment_id": experiment_id, "species": species, "tmp_dir": tmp_dir}
+    kwargs = {
+        "overwrite": overwrite,
+        "experiment_id": experiment_id,
+        "species": species,
+        "tmp_dir": tmp_dir,
+        "gene_index": gene_index,
+    }
     client = client or current_client()
     if client is None and (len(todo) <= 1 or workers == 1):
         reports += _run_serial(todo, loc, kwargs, progress)

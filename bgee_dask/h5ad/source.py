@@ -193,13 +193,17 @@ class H5adSource:
         n = min(_CPM_SAMPLE_ROWS, self.n_obs)
         if self.format == "csr":
             block = next(self.iter_csr_blocks(rows_per_block=n, stop=n))
-            sums = np.add.reduceat(block.data.astype(np.float64), block.indptr[:-1]) if block.data.size else []
-            sums = np.asarray(sums, dtype=np.float64)
-            sums[np.diff(block.indptr) == 0] = 0.0
-            return sums
+            # np.add.reduceat fails when the last sampled rows are empty; bincount handles empty rows
+            rows = np.repeat(np.arange(n), np.diff(block.indptr))
+            return np.bincount(rows, weights=block.data.astype(np.float64), minlength=n)
         if self.format == "dense":
             return self._node[:n].astype(np.float64).sum(axis=1)
-        return np.asarray([], dtype=np.float64)
+        # CSC: the first rows are spread over every column, so this reads X once
+        sums = np.zeros(n, dtype=np.float64)
+        for block in self.iter_csc_blocks():
+            keep = block.indices < n
+            sums += np.bincount(block.indices[keep], weights=block.data[keep].astype(np.float64), minlength=n)
+        return sums
 
     def _sample_values(self) -> np.ndarray:
         if self.format == "dense":
@@ -278,9 +282,7 @@ class H5adSource:
                 r1 = int(np.searchsorted(indptr, target, side="right")) - 1
                 r1 = min(stop, max(r1, r0 + 1))
             a, b = int(indptr[r0]), int(indptr[r1])
-            yield self._checked_csr(
-                r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b)
-            )
+            yield self._checked_csr(r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b))
             r0 = r1
 
     def iter_csc_blocks(self, *, nnz_per_block: int = 1 << 23) -> Iterator[CscBlock]:

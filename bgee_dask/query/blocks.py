@@ -11,9 +11,10 @@ import pandas as pd
 
 from ..atlas.location import AtlasLocation
 from ..store.experiment import OPEN_STORES, ExperimentStore
+from ..store.gene_index import GeneIndex
 from .filter import Expr, evaluate
-from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, select_rows
-from .plan import BlockTask
+from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows
+from .plan import BlockTask, GeneTask
 from .reduction import Partial
 
 NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P_SCALED}
@@ -22,6 +23,12 @@ NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P
 def open_store(loc: AtlasLocation, rel: str) -> ExperimentStore:
     return OPEN_STORES.get(
         (loc.url, rel), lambda: ExperimentStore(loc.zarr_store(rel, read_only=True), name=loc.full_url(rel))
+    )
+
+
+def open_gene_index(loc: AtlasLocation, rel: str) -> GeneIndex:
+    return OPEN_STORES.get(
+        (loc.url, rel, "genes"), lambda: GeneIndex(loc.zarr_store(rel, read_only=True), name=loc.full_url(rel))
     )
 
 
@@ -65,6 +72,51 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _selection(loc, task, expr, by, mode):
+    """Matching rows of the task's span, their group codes and keys, and per-row scale factors."""
+    columns = list(by) + (["total_counts"] if mode != RAW else [])
+    rows, frame = select(loc, task, expr, columns)
+    if rows.size == 0:
+        return rows, None, [], None
+    codes, keys = _group_codes(frame, by)
+    scale = np.ones(rows.size, dtype=np.float64)
+    if mode != RAW:
+        totals = frame["total_counts"].to_numpy(dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            scale = np.where(totals > 0, 1e4 / totals, 0.0)
+    return rows, codes, keys, scale
+
+
+def aggregate_genes(
+    loc: AtlasLocation,
+    task: GeneTask,
+    expr: Expr | None,
+    by: list[str],
+    n_experiments: int,
+    n_genes: int,
+    normalize: str | None,
+) -> Partial:
+    """chunk step from the gene-major copy: the requested genes over the experiment's matching cells."""
+    mode = NORMALIZE_MODES[normalize]
+    span = BlockTask(task.experiment, task.store, task.r0, task.r1)
+    rows, codes, keys, scale = _selection(loc, span, expr, by, mode)
+    if rows.size == 0:
+        return Partial.empty(n_experiments, n_genes)
+    row_group = np.full(task.r1 - task.r0, -1, dtype=np.int32)
+    row_group[rows] = codes
+    row_scale = np.ones(task.r1 - task.r0, dtype=np.float64)
+    row_scale[rows] = scale
+    gindptr, cells, values = open_gene_index(loc, task.gene_index).read_genes(np.asarray(task.genes))
+    g = len(keys)
+    sums, sumsq = np.zeros((g, n_genes)), np.zeros((g, n_genes))
+    nexpr = np.zeros((g, n_genes), dtype=np.int64)
+    out_cols = np.asarray(task.columns, dtype=np.int64)
+    grouped_moments_by_gene(gindptr, cells, values, out_cols, task.r0, row_group, row_scale, mode, sums, sumsq, nexpr)
+    counts = np.zeros((g, n_experiments), dtype=np.int64)
+    counts[:, task.experiment] = np.bincount(codes, minlength=g)
+    return Partial(keys, counts, sums, sumsq, nexpr)
+
+
 def aggregate_block(
     loc: AtlasLocation,
     task: BlockTask,
@@ -77,21 +129,16 @@ def aggregate_block(
 ) -> Partial:
     """chunk step: the block's partial sums for the groups present in it."""
     mode = NORMALIZE_MODES[normalize]
-    columns = list(by) + (["total_counts"] if mode != RAW else [])
-    rows, frame = select(loc, task, expr, columns)
+    rows, codes, keys, scale = _selection(loc, task, expr, by, mode)
     if rows.size == 0:
         return Partial.empty(n_experiments, n_genes)
-    codes, keys = _group_codes(frame, by)
     first, last = int(rows[0]), int(rows[-1]) + 1
     store = open_store(loc, task.store)
     indptr, indices, data = store.read_rows(task.r0 + first, task.r0 + last)
     row_group = np.full(last - first, -1, dtype=np.int32)
     row_group[rows - first] = codes
     row_scale = np.ones(last - first, dtype=np.float64)
-    if mode != RAW:
-        totals = frame["total_counts"].to_numpy(dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            row_scale[rows - first] = np.where(totals > 0, 1e4 / totals, 0.0)
+    row_scale[rows - first] = scale
     g = len(keys)
     sums = np.zeros((g, n_genes))
     sumsq = np.zeros((g, n_genes))

@@ -31,6 +31,9 @@ column with ``True``/``False`` and only by (in)equality. Ordering on strings is 
 value, also for ordered categoricals (their category order is ignored). A categorical compared
 with a value that is not among its categories simply does not match. Categorical columns are
 evaluated on their categories and mapped through the codes, so the cost per row is one lookup.
+A column with no values at all (all-missing object column, categorical without categories,
+as read for an experiment lacking the column) matches nothing and accepts any literal; an
+object column mixing value types only supports ``==``, ``!=``, ``in`` and ``not in``.
 """
 
 from __future__ import annotations
@@ -698,7 +701,8 @@ class _Column:
         if isinstance(series.dtype, pd.CategoricalDtype):
             self.codes = np.asarray(series.array.codes)
             self.values: pd.Series | pd.Index = series.cat.categories
-            kind, desc = _kind(self.values)
+            # no categories at all (every value missing) says nothing about the intended type
+            kind, desc = _kind(self.values) if len(self.values) else ("empty", "no categories")
             self.kind, self.desc = kind, f"categorical, categories: {desc}"
         else:
             self.values = series

@@ -59,3 +59,34 @@ def select_rows(indptr, indices, data, rows, gene_map, out_indptr, out_indices, 
                 pos += 1
         out_indptr[i + 1] = pos
     return pos
+
+
+@numba.njit(nogil=True, cache=True)
+def grouped_moments_by_gene(
+    gindptr, cells, values, out_cols, r0, row_group, row_scale, mode, sums, sumsq, nexpr
+):  # pragma: no cover - jit
+    """Same sums as ``grouped_moments``, from gene-major data: gene k's cells are ``cells[gindptr[k]:gindptr[k+1]]``.
+
+    Cell rows are store rows; only rows ``r0 <= row < r0 + len(row_group)`` take part.
+    """
+    n_rows = row_group.shape[0]
+    for k in range(out_cols.shape[0]):
+        j = out_cols[k]
+        for p in range(gindptr[k], gindptr[k + 1]):
+            r = cells[p] - r0
+            if r < 0 or r >= n_rows:
+                continue
+            g = row_group[r]
+            if g < 0:
+                continue
+            v = np.float64(values[p])
+            if v == 0.0:
+                continue
+            if mode == 1:
+                v = v * row_scale[r]
+            elif mode == 2:
+                v = np.log1p(v * row_scale[r])
+            sums[g, j] += v
+            sumsq[g, j] += v * v
+            if v > 0.0:
+                nexpr[g, j] += 1

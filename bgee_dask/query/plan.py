@@ -29,6 +29,23 @@ class BlockTask:
     r1: int
 
 
+@dataclass(frozen=True)
+class GeneTask:
+    """All requested genes of one experiment, read from its gene-major copy, over rows ``[r0, r1)``."""
+
+    experiment: int
+    store: str
+    gene_index: str
+    r0: int
+    r1: int
+    genes: tuple[int, ...]  # positions in the experiment's var
+    columns: tuple[int, ...]  # matching output gene columns
+
+
+#: The gene-major copy is used when it reads fewer values than this share of the row blocks'.
+GENE_PATH_SHARE = 0.25
+
+
 @dataclass
 class QueryPlan:
     experiments: pd.DataFrame  # catalog rows of the experiments that may hold matching cells
@@ -37,6 +54,11 @@ class QueryPlan:
     gene_symbols: np.ndarray | None
     gene_maps: list[np.ndarray]  # per experiment: its var position -> output gene column, or -1
     measured: np.ndarray  # (n_experiments, n_genes) bool
+    gene_tasks: dict[int, GeneTask]  # experiments whose aggregation reads the gene-major copy instead
+
+    def aggregation_tasks(self) -> tuple[list[BlockTask], list[GeneTask]]:
+        """Row-block tasks for the experiments that scan, gene tasks for the others."""
+        return [t for t in self.tasks if t.experiment not in self.gene_tasks], list(self.gene_tasks.values())
 
 
 def check_columns(catalog: AtlasCatalog, columns: Sequence[str], what: str) -> None:
@@ -103,6 +125,7 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
     gene_table = catalog.genes
     gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
     tasks: list[BlockTask] = []
+    gene_tasks: dict[int, GeneTask] = {}
     for e, row in experiments.iterrows():
         g = gene_table[gene_table["experiment"] == row["experiment"]]
         gmap = np.full(int(row["n_genes"]), -1, dtype=np.int32)
@@ -113,8 +136,31 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
         gene_maps.append(gmap)
         r = runs[runs["experiment"] == row["experiment"]]
         blocks = np.asarray(row["row_blocks"], dtype=np.int64)
-        tasks.extend(_block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks))
-    return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured)
+        mine = _block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks)
+        tasks.extend(mine)
+        if genes is not None and mine and row.get("gene_index") and "gene_nnz" in g:
+            # exact sizes from the catalog: values of the requested genes vs values of the blocks touched
+            gene_values = int(g["gene_nnz"].to_numpy()[hit].sum())
+            span = (mine[0].r0, mine[-1].r1)
+            row_values = _values_in_rows(row, [(t.r0, t.r1) for t in mine])
+            if gene_values < GENE_PATH_SHARE * row_values:
+                positions = g["gene_index"].to_numpy()[hit]
+                gene_tasks[int(e)] = GeneTask(
+                    int(e),
+                    row["store"],
+                    row["gene_index"],
+                    span[0],
+                    span[1],
+                    tuple(int(x) for x in positions),
+                    tuple(int(x) for x in cols[hit]),
+                )
+    return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured, gene_tasks)
+
+
+def _values_in_rows(row: pd.Series, spans: list[tuple[int, int]]) -> float:
+    """Values stored in these row spans, estimated from the experiment's mean per row."""
+    per_row = float(row["nnz"]) / max(1, int(row["n_cells"]))
+    return per_row * sum(b - a for a, b in spans)
 
 
 def _block_tasks(e: int, store: str, starts: np.ndarray, stops: np.ndarray, blocks: np.ndarray) -> list[BlockTask]:

@@ -87,11 +87,15 @@ class Query:
         plan = self.plan
         n_exp, n_genes = len(plan.experiments), len(plan.gene_ids)
         maps = [dask.delayed(m, pure=True) for m in plan.gene_maps]
+        block_tasks, gene_tasks = plan.aggregation_tasks()
         layer = [
             dask.delayed(blocks.aggregate_block, pure=True)(
                 self.location, t, self.expr, by, maps[t.experiment], n_exp, n_genes, normalize
             )
-            for t in plan.tasks
+            for t in block_tasks
+        ] + [
+            dask.delayed(blocks.aggregate_genes, pure=True)(self.location, t, self.expr, by, n_exp, n_genes, normalize)
+            for t in gene_tasks
         ]
         while len(layer) > 1:
             layer = [dask.delayed(_combine_list)(layer[i : i + FAN_IN]) for i in range(0, len(layer), FAN_IN)]

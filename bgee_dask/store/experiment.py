@@ -8,6 +8,7 @@ categorical dictionaries.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -24,7 +25,9 @@ class ExperimentStore:
 
     def __init__(self, store: zarr.abc.store.Store, name: str = ""):
         self.name = name or str(store)
-        self.group = zarr.open_group(store, mode="r", use_consolidated=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            self.group = zarr.open_group(store, mode="r", use_consolidated=True)
         attrs = dict(self.group.attrs)
         self.attrs = attrs.get(ATTRS_KEY, {})
         if self.attrs.get("format") != FORMAT_NAME:

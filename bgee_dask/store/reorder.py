@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,14 @@ from ..h5ad.source import H5adSource
 from .csr_kernels import gather_rows, gather_segments, row_totals
 from .layout import row_blocks
 
-Emit = Callable[[np.ndarray, np.ndarray], None]
+
+class RowSink(Protocol):
+    """Receives the sorted matrix: its shape first, then consecutive row ranges."""
+
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None: ...
+
+    def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None: ...
+
 
 #: Matrices with at most this many values are reordered in memory (about 8 bytes per value).
 IN_MEMORY_NNZ = 1 << 24
@@ -47,7 +55,7 @@ class ReorderResult:
 def stream_sorted(
     source: H5adSource,
     perm: np.ndarray,
-    emit: Emit,
+    sink: RowSink,
     *,
     out_dtype: np.dtype,
     spill_dir: str | None = None,
@@ -55,7 +63,7 @@ def stream_sorted(
     bucket_nnz: int = BUCKET_NNZ,
     read_nnz: int = READ_NNZ,
 ) -> ReorderResult:
-    """Call ``emit(indices, data)`` with the values of rows ``perm[0], perm[1], ...`` in order."""
+    """Feed ``sink`` the rows ``perm[0], perm[1], ...`` in that order, in blocks."""
     n = source.n_obs
     totals = np.zeros(n, dtype=np.float64)
     detected = np.zeros(n, dtype=np.int32)
@@ -64,8 +72,10 @@ def stream_sorted(
         indptr, indices, data = _read_all_csr(source, read_nnz)
         row_totals(indptr, data, totals, detected)
         dest_indptr = _permuted_indptr(indptr, perm)
+        sink.begin(dest_indptr, np.bincount(indices, minlength=source.n_vars).astype(np.int64))
         for d0, d1 in _pairs(row_blocks(dest_indptr, read_nnz)):
-            emit(*gather_rows(indptr, indices, data, perm[d0:d1], out_dtype))
+            local = dest_indptr[d0 : d1 + 1] - dest_indptr[d0]
+            sink.rows(d0, local, *gather_rows(indptr, indices, data, perm[d0:d1], out_dtype))
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), False)
 
     inv = np.empty(n, dtype=np.int64)
@@ -82,6 +92,7 @@ def stream_sorted(
     try:
         spill = _Spill(workdir, out_dtype)
         row_len = np.zeros(n, dtype=np.int64)
+        gene_nnz = np.zeros(source.n_vars, dtype=np.int64)
         if source.format == "csc":
             for block in source.iter_csc_blocks(nnz_per_block=read_nnz):
                 csr = sp.csc_matrix(
@@ -95,9 +106,14 @@ def stream_sorted(
                 totals += t
                 detected += c
                 row_len[rows] += np.diff(csr.indptr)[rows]
+                gene_nnz[block.col_start : block.col_stop] += np.diff(block.indptr)
                 spill.scatter(
-                    csr.indptr.astype(np.int64), csr.indices.astype(np.int32) + block.col_start,
-                    csr.data, rows, inv[rows], bounds,
+                    csr.indptr.astype(np.int64),
+                    csr.indices.astype(np.int32) + block.col_start,
+                    csr.data,
+                    rows,
+                    inv[rows],
+                    bounds,
                 )
         else:
             lengths = np.diff(source.indptr) if source.format == "csr" else None
@@ -107,18 +123,21 @@ def stream_sorted(
                 r0, r1 = block.row_start, block.row_stop
                 row_totals(block.indptr, block.data, totals[r0:r1], detected[r0:r1])
                 row_len[r0:r1] = np.diff(block.indptr)
-                if bounds is None:  # dense source: bucket by the mean row length seen so far
-                    bounds = _even_bounds(n, block, bucket_nnz)
+                gene_nnz += np.bincount(block.indices, minlength=source.n_vars)
+                if bounds is None:  # dense source: a row holds at most n_vars values
+                    bounds = _even_bounds(n, source.n_vars, bucket_nnz)
                 rows = np.arange(r1 - r0, dtype=np.int64)
                 spill.scatter(block.indptr, block.indices, block.data, rows, inv[r0:r1], bounds)
         dest_indptr = _permuted_indptr(np.concatenate([[0], np.cumsum(row_len)]), perm)
+        sink.begin(dest_indptr, gene_nnz)
         for k in range(len(bounds) - 1):
             indices, data = spill.gather(k)
             expected = int(dest_indptr[bounds[k + 1]] - dest_indptr[bounds[k]])
             if indices.size != expected:
                 raise RuntimeError(f"spill bucket {k} holds {indices.size} values, expected {expected}")
             if indices.size:
-                emit(indices, data)
+                b0, b1 = int(bounds[k]), int(bounds[k + 1])
+                sink.rows(b0, dest_indptr[b0 : b1 + 1] - dest_indptr[b0], indices, data)
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -135,10 +154,10 @@ def _permuted_indptr(indptr: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _even_bounds(n: int, block, bucket_nnz: int) -> np.ndarray:
-    rows = max(1, block.row_stop - block.row_start)
-    mean_row = max(1.0, block.indptr[-1] / rows)
-    step = max(1, int(bucket_nnz / mean_row))
+def _even_bounds(n: int, max_row: int, bucket_nnz: int) -> np.ndarray:
+    # Sized for full rows: the mean of the first block (once used here) can be far too low
+    # (e.g. empty first cells), which let one bucket grow to the whole matrix.
+    step = max(1, bucket_nnz // max(1, max_row))
     bounds = np.append(np.arange(0, n, step, dtype=np.int64), n)
     return np.unique(bounds)
 

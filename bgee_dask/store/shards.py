@@ -77,7 +77,9 @@ class ShardWriter:
         index = self._next_shard
         self._next_shard += 1
         shard_bytes = self._encode_shard(values)
-        key = f"{self._prefix}/{self.array.metadata.encode_chunk_key((index,))}"
+        chunk_key = self.array.metadata.encode_chunk_key((index,))
+        # an array at the store root has an empty path: "/c/0" would escape the store
+        key = f"{self._prefix}/{chunk_key}" if self._prefix else chunk_key
         buf = default_buffer_prototype().buffer.from_bytes(shard_bytes)
         sync(self._store.set(key, buf))
         self.bytes_written += len(shard_bytes)

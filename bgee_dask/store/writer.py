@@ -8,6 +8,7 @@ metadata, so that a store interrupted mid-write never claims to be whole.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from anndata.io import write_elem
 
 from ..h5ad.source import H5adSource
 from ..schema import SORT_COLUMNS
+from .gene_index import GeneIndexBuilder
 from .layout import (
     ATTRS_KEY,
     DEFAULT_CODEC,
@@ -49,7 +51,26 @@ class WrittenStore:
     runs: pd.DataFrame
     var: pd.DataFrame
     obs_columns: list[str]
+    gene_nnz: np.ndarray  # values stored per gene, for the query planner
     attrs: dict[str, Any]
+
+
+class _StoreSink:
+    """Writes the sorted rows into X and, when asked, into the gene-major copy as well."""
+
+    def __init__(self, indices: ShardWriter, data: ShardWriter, genes: GeneIndexBuilder | None):
+        self.indices, self.data, self.genes = indices, data, genes
+
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
+        self.gene_nnz = gene_nnz
+        if self.genes is not None:
+            self.genes.begin(dest_indptr, gene_nnz)
+
+    def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        self.indices.append(indices)
+        self.data.append(data)
+        if self.genes is not None:
+            self.genes.rows(row_start, indptr, indices, data)
 
 
 def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np.ndarray:
@@ -95,8 +116,9 @@ def write_experiment(
     codec: BloscSettings = DEFAULT_CODEC,
     spill_dir: str | None = None,
     in_memory_nnz: int = IN_MEMORY_NNZ,
+    gene_index_store: zarr.abc.store.Store | None = None,
 ) -> WrittenStore:
-    """Write ``source`` into an empty ``store`` and return the catalog's view of it."""
+    """Write ``source`` into an empty ``store`` (and its gene-major copy into ``gene_index_store``)."""
     perm = sort_order(source.obs)
     obs = source.obs.iloc[perm]
     out_dtype = source.out_dtype
@@ -123,13 +145,29 @@ def write_experiment(
     data_writer = ShardWriter(values_array("data", out_dtype), codec, executor)
     indices_writer = ShardWriter(values_array("indices", np.dtype(np.int32)), codec, executor)
 
-    def emit(indices: np.ndarray, data: np.ndarray) -> None:
-        indices_writer.append(indices)
-        data_writer.append(data)
-
-    result = stream_sorted(source, perm, emit, out_dtype=out_dtype, spill_dir=spill_dir, in_memory_nnz=in_memory_nnz)
-    data_writer.close()
-    indices_writer.close()
+    genes = None
+    if gene_index_store is not None:
+        genes = GeneIndexBuilder(
+            gene_index_store,
+            source.n_obs,
+            source.n_vars,
+            out_dtype,
+            codec=codec,
+            executor=executor,
+            spill_dir=spill_dir,
+        )
+    sink = _StoreSink(indices_writer, data_writer, genes)
+    try:
+        result = stream_sorted(
+            source, perm, sink, out_dtype=out_dtype, spill_dir=spill_dir, in_memory_nnz=in_memory_nnz
+        )
+        data_writer.close()
+        indices_writer.close()
+        if genes is not None:
+            genes.close({"experiment_id": source.experiment_id, "species": source.species})
+    finally:
+        if genes is not None:
+            genes.discard()
     indptr = x.create_array(
         "indptr",
         shape=(source.n_obs + 1,),
@@ -148,7 +186,9 @@ def write_experiment(
     obs["n_genes"] = result.n_genes[perm]
     obs = _compact(obs)
     var = _compact(source.var)
-    with anndata.settings.override(zarr_write_format=3):
+    with anndata.settings.override(zarr_write_format=3), warnings.catch_warnings():
+        # anndata announces a future default (autosharding) on every element; ours are explicit.
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         write_elem(root, "obs", obs)
         write_elem(root, "var", var)
         for empty in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
@@ -171,7 +211,10 @@ def write_experiment(
         "complete": True,
     }
     root.attrs[ATTRS_KEY] = attrs
-    zarr.consolidate_metadata(store)
+    with warnings.catch_warnings():
+        # Consolidated metadata is zarr-python's extension; it is what makes opening one request.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(store)
     return WrittenStore(
         n_cells=source.n_obs,
         n_genes=source.n_vars,
@@ -181,5 +224,6 @@ def write_experiment(
         runs=runs_table(obs),
         var=source.var,
         obs_columns=[str(c) for c in obs.columns],
+        gene_nnz=getattr(sink, "gene_nnz", np.zeros(source.n_vars, dtype=np.int64)),
         attrs=attrs,
     )

@@ -1,0 +1,203 @@
+"""The gene-major copy of an experiment's counts: an index for gene-slice queries.
+
+Asking for a few genes over all cells of a cell-major matrix reads the whole matrix. This
+copy stores the same values gene by gene (CSR of genes x cells, cell rows numbered as in the
+experiment store), so ten genes over a million cells are a few megabytes read. It is a
+separate store next to the AnnData one (``<EXP>.by_gene.zarr``) because ``anndata.read_zarr``
+loads every member of a store, and the index is not part of the data.
+
+It is built from the sorted row stream of the conversion: values are scattered to gene-range
+spill files in row order, then each range is put in gene order with a stable radix sort, which
+keeps the rows of each gene increasing. Memory is one gene range, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from concurrent.futures import Executor
+
+import numpy as np
+import zarr
+
+from .layout import DEFAULT_CODEC, INDPTR_CHUNK, INDPTR_SHARD, VALUES_CHUNK, VALUES_SHARD, BloscSettings
+from .shard_reader import ShardedArrayReader
+from .shards import ShardWriter
+
+GENE_INDEX_FORMAT = "bgee-dask/gene-index"
+GENE_INDEX_VERSION = "1.0"
+#: Values per gene-range spill bucket.
+GENE_BUCKET_NNZ = 1 << 24
+
+
+def gene_index_relpath(store_rel: str) -> str:
+    return store_rel.removesuffix(".zarr") + ".by_gene.zarr"
+
+
+class GeneIndexBuilder:
+    """A ``RowSink`` that writes the gene-major copy; call ``close`` after the stream ends."""
+
+    def __init__(
+        self,
+        store: zarr.abc.store.Store,
+        n_cells: int,
+        n_genes: int,
+        dtype: np.dtype,
+        *,
+        codec: BloscSettings = DEFAULT_CODEC,
+        executor: Executor | None = None,
+        spill_dir: str | None = None,
+        bucket_nnz: int = GENE_BUCKET_NNZ,
+    ):
+        self.store = store
+        self.n_cells, self.n_genes = n_cells, n_genes
+        self.dtype = np.dtype(dtype)
+        self.codec, self.executor = codec, executor
+        self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
+        self.bytes_written = 0
+
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
+        self.gene_nnz = gene_nnz.astype(np.int64)
+        self.indptr = np.zeros(self.n_genes + 1, dtype=np.int64)
+        np.cumsum(self.gene_nnz, out=self.indptr[1:])
+        # gene ranges of about bucket_nnz values each (a gene bigger than that stands alone)
+        bounds = [0]
+        while bounds[-1] < self.n_genes:
+            g0 = bounds[-1]
+            g1 = int(np.searchsorted(self.indptr, self.indptr[g0] + self.bucket_nnz, side="right")) - 1
+            bounds.append(min(self.n_genes, max(g1, g0 + 1), g0 + 65535))
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
+
+    def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        if indices.size == 0:
+            return
+        cells = np.repeat(np.arange(row_start, row_start + len(indptr) - 1, dtype=np.int32), np.diff(indptr))
+        bucket = (np.searchsorted(self.bounds, indices, side="right") - 1).astype(np.uint16)
+        order = np.argsort(bucket, kind="stable")  # radix sort: cells stay increasing per bucket
+        bucket, cells, genes, values = bucket[order], cells[order], indices[order], data[order]
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, bucket.size].tolist(), strict=True):
+            with open(os.path.join(self.workdir, f"genes-{int(bucket[a]):05d}.bin"), "ab") as fh:
+                np.asarray([b - a], dtype=np.int64).tofile(fh)
+                cells[a:b].tofile(fh)
+                genes[a:b].astype(np.int32).tofile(fh)
+                values[a:b].astype(self.dtype).tofile(fh)
+
+    def close(self, attrs: dict) -> None:
+        """Put each gene range in order, write the arrays, then the attributes and metadata."""
+        try:
+            root = zarr.open_group(self.store, mode="w", zarr_format=3)
+            total = int(self.indptr[-1])
+
+            def values_array(name: str, dtype: np.dtype) -> zarr.Array:
+                return root.create_array(
+                    name,
+                    shape=(total,),
+                    dtype=dtype,
+                    chunks=(VALUES_CHUNK,),
+                    shards=(VALUES_SHARD,),
+                    compressors=self.codec.zarr_codec(np.dtype(dtype)),
+                    fill_value=0,
+                )
+
+            cells_out = ShardWriter(values_array("indices", np.dtype(np.int32)), self.codec, self.executor)
+            data_out = ShardWriter(values_array("data", self.dtype), self.codec, self.executor)
+            for k in range(len(self.bounds) - 1):
+                cells, genes, values = self._load(k)
+                expected = int(self.indptr[self.bounds[k + 1]] - self.indptr[self.bounds[k]])
+                if cells.size != expected:
+                    raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {expected}")
+                local = (genes - self.bounds[k]).astype(np.uint16)
+                order = np.argsort(local, kind="stable")
+                cells_out.append(cells[order])
+                data_out.append(values[order])
+            cells_out.close()
+            data_out.close()
+            indptr = root.create_array(
+                "indptr",
+                shape=(self.n_genes + 1,),
+                dtype=np.int64,
+                chunks=(INDPTR_CHUNK,),
+                shards=(INDPTR_SHARD,),
+                compressors=self.codec.zarr_codec(np.dtype(np.int64)),
+                fill_value=0,
+            )
+            indptr[:] = self.indptr
+            root.attrs["bgee_dask"] = {
+                "format": GENE_INDEX_FORMAT,
+                "format_version": GENE_INDEX_VERSION,
+                "shape": [self.n_cells, self.n_genes],
+                **attrs,
+                "complete": True,
+            }
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                zarr.consolidate_metadata(self.store)
+            self.bytes_written = cells_out.bytes_written + data_out.bytes_written
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if getattr(self, "workdir", None):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        path = os.path.join(self.workdir, f"genes-{k:05d}.bin")
+        if not os.path.exists(path):
+            return np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, self.dtype)
+        raw = np.fromfile(path, dtype=np.uint8)
+        os.unlink(path)
+        cells, genes, values = [], [], []
+        pos, isz = 0, self.dtype.itemsize
+        while pos < raw.size:
+            (n,) = raw[pos : pos + 8].view(np.int64)
+            pos += 8
+            cells.append(raw[pos : pos + 4 * n].view(np.int32))
+            pos += 4 * n
+            genes.append(raw[pos : pos + 4 * n].view(np.int32))
+            pos += 4 * n
+            values.append(raw[pos : pos + isz * n].view(self.dtype))
+            pos += isz * n
+        return np.concatenate(cells), np.concatenate(genes), np.concatenate(values)
+
+
+class GeneIndex:
+    """Reads gene columns from a gene-major copy: for each gene, its cell rows and values."""
+
+    def __init__(self, store: zarr.abc.store.Store, name: str = ""):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            group = zarr.open_group(store, mode="r", use_consolidated=True)
+        attrs = dict(group.attrs).get("bgee_dask", {})
+        if attrs.get("format") != GENE_INDEX_FORMAT or not attrs.get("complete"):
+            raise ValueError(f"{name or store}: not a complete bgee-dask gene index")
+        self.shape = tuple(attrs["shape"])
+        self._indptr = ShardedArrayReader(group["indptr"])
+        self._indices = ShardedArrayReader(group["indices"])
+        self._data = ShardedArrayReader(group["data"])
+
+    @property
+    def requests(self) -> int:
+        return self._indptr.requests + self._indices.requests + self._data.requests
+
+    def read_genes(self, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR over ``genes`` (in that order): indptr, cell rows, values."""
+        genes = np.asarray(genes, dtype=np.int64)
+        starts = np.empty(genes.size, dtype=np.int64)
+        stops = np.empty(genes.size, dtype=np.int64)
+        for i, g in enumerate(genes.tolist()):
+            pair = self._indptr.read(g, g + 2)
+            starts[i], stops[i] = pair[0], pair[1]
+        lengths = stops - starts
+        indptr = np.zeros(genes.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        cells = np.empty(int(indptr[-1]), dtype=np.int32)
+        values = np.empty(int(indptr[-1]), dtype=self._data.dtype)
+        for i in range(genes.size):
+            if lengths[i]:
+                cells[indptr[i] : indptr[i + 1]] = self._indices.read(starts[i], stops[i])
+                values[indptr[i] : indptr[i + 1]] = self._data.read(starts[i], stops[i])
+        return indptr, cells, values
