@@ -55,6 +55,8 @@ class ShardWriter:
 
     def append(self, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=self.dtype)
+        if self._next_shard * self.shard + self._carried + values.size > self.size:
+            raise RuntimeError(f"{self.array.path}: more values than the array's {self.size}")
         while values.size:
             take = min(values.size, self.shard - self._carried)
             self._carry.append(values[:take])

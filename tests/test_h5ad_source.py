@@ -1,0 +1,280 @@
+"""Reading Bgee H5AD files: the parallel chunk decoder and the validating source, against h5py/anndata."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from bgee_dask.h5ad.chunks import ChunkedReader
+from bgee_dask.h5ad.source import H5adSource
+from bgee_dask.schema import BgeeInputError, detect_layout, parse_bgee_filename
+
+from . import make_inputs as mi
+
+DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint16, np.int8]
+FILTERS = {
+    "gzip": {"compression": "gzip", "compression_opts": 4},
+    "gzip+shuffle": {"compression": "gzip", "compression_opts": 6, "shuffle": True},
+    "gzip+shuffle+fletcher32": {"compression": "gzip", "shuffle": True, "fletcher32": True},
+    "lzf": {"compression": "lzf"},
+    "uncompressed-chunked": {},
+    "contiguous": None,
+}
+FAST = {"gzip", "gzip+shuffle"}
+
+
+def _ranges(rng: np.random.Generator, n: int, chunk: int) -> list[tuple[int, int]]:
+    out = [(0, n), (0, 0), (n, n), (0, 1), (n - 1, n), (-5, 3), (n - 3, n + 10), (chunk - 1, chunk + 1)]
+    out += [(chunk, 2 * chunk), (chunk * 2 + 1, chunk * 2 + 2)]
+    for _ in range(40):
+        a = int(rng.integers(0, n))
+        out.append((a, int(rng.integers(a, min(n, a + 5 * chunk) + 1))))
+    return out
+
+
+def _values(rng: np.random.Generator, dtype, n: int) -> np.ndarray:
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(n).astype(dtype) * 1000
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=n, endpoint=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("with_pool", [False, True], ids=["serial", "pool"])
+@pytest.mark.parametrize("filters", list(FILTERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_chunked_reader_equals_h5py(tmp_path, dtype, filters, with_pool):
+    rng = np.random.default_rng(zlib.crc32(f"{np.dtype(dtype).name}/{filters}".encode()))
+    n = int(rng.integers(1000, 6000))
+    chunk = int(rng.integers(50, 700))
+    values = _values(rng, dtype, n)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        opts = FILTERS[filters]
+        if opts is None:
+            f.create_dataset("v", data=values)
+        else:
+            f.create_dataset("v", data=values, chunks=(chunk,), **opts)
+    pool = ThreadPoolExecutor(3) if with_pool else None
+    try:
+        with h5py.File(tmp_path / "d.h5", "r") as f:
+            ds = f["v"]
+            reader = ChunkedReader(ds, pool)
+            assert reader.fast == (filters in FAST)
+            for a, b in _ranges(rng, n, chunk):
+                got = reader.read(a, b)
+                want = ds[max(0, a) : min(n, b)] if b > a else ds[0:0]
+                assert got.dtype == ds.dtype
+                np.testing.assert_array_equal(got, want, err_msg=f"range {a}:{b}")
+                np.testing.assert_array_equal(got, values[max(0, a) : min(n, max(a, b))])
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunked_reader_unwritten_and_unfiltered_chunks(tmp_path, shuffle):
+    """Chunks never written read as the fill value; chunks stored with deflate skipped read raw."""
+    chunk, n = 100, 1050
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        ds = f.create_dataset(
+            "v", shape=(n,), dtype=np.float32, chunks=(chunk,), compression="gzip", shuffle=shuffle, fillvalue=7.5
+        )
+        ds[0:chunk] = np.arange(chunk, dtype=np.float32)
+        ds[5 * chunk : 6 * chunk] = np.arange(chunk, dtype=np.float32) * 2
+        ds[1000:1050] = -1.0  # the partial last chunk
+        # chunk 3 written raw with every filter marked as skipped
+        raw = (np.arange(chunk, dtype=np.float32) + 0.25).tobytes()
+        n_filters = ds.id.get_create_plist().get_nfilters()
+        ds.id.write_direct_chunk((3 * chunk,), raw, filter_mask=(1 << n_filters) - 1)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        ds = f["v"]
+        full = ds[:]
+        assert full[2 * chunk] == np.float32(7.5)
+        np.testing.assert_array_equal(full[3 * chunk : 4 * chunk], np.arange(chunk, dtype=np.float32) + 0.25)
+        for pool in (None, ThreadPoolExecutor(2)):
+            reader = ChunkedReader(ds, pool)
+            assert reader.fast
+            np.testing.assert_array_equal(reader.read(0, n), full)
+            np.testing.assert_array_equal(reader.read(250, 420), full[250:420])
+            np.testing.assert_array_equal(reader.read(1020, 1050), full[1020:1050])
+            if pool:
+                pool.shutdown()
+
+
+def test_chunked_reader_rejects_2d(tmp_path):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        ds = f.create_dataset("m", data=np.zeros((3, 3)))
+        with pytest.raises(ValueError, match="1-D"):
+            ChunkedReader(ds)
+
+
+def test_chunked_reader_on_shared_files(bgee_sources):
+    """The gzip chunks of the real files decode like h5py decodes them."""
+    with h5py.File(bgee_sources["SRPT00001"], "r") as f, ThreadPoolExecutor(2) as pool:
+        for name in ("X/data", "X/indices", "X/indptr"):
+            ds = f[name]
+            reader = ChunkedReader(ds, pool)
+            assert reader.fast
+            np.testing.assert_array_equal(reader.read(0, ds.shape[0]), ds[:])
+            np.testing.assert_array_equal(reader.read(12345, 987654), ds[12345:987654])
+
+
+# -- the validating source -------------------------------------------------------------------------
+EXPECTED_LAYOUT = {"SRPT00002.B": "B", "SRPT00003.C": "C", "SRPT00005.D": "D"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"SRPT0000{i}" for i in range(1, 8)] + list(EXPECTED_LAYOUT),
+)
+def test_source_opens_shared_files(bgee_sources, name):
+    path = bgee_sources[name]
+    with h5py.File(path, "r") as f:
+        shape = tuple(int(s) for s in f["X"].attrs["shape"])
+        nnz = f["X/data"].shape[0]
+        indptr, indices, data = f["X/indptr"][:], f["X/indices"][:], f["X/data"][:]
+    with H5adSource(path) as src:
+        assert src.layout == EXPECTED_LAYOUT.get(name, "doc")
+        assert (src.n_obs, src.n_vars) == shape
+        assert src.nnz == nnz and src.format == "csr"
+        assert src.counts_key == "X" and src.cpm_in_x is False
+        assert src.experiment_id == name.split(".")[0]
+        assert src.species == path.name.rsplit("_SRPT", 1)[0]
+        assert list(src.obs.columns[:14]) == list(mi.CANONICAL)
+        assert list(src.obs.index) == list(ad.read_h5ad(path, backed="r").obs_names)
+        # streamed blocks put back together equal the h5py arrays
+        blocks = list(src.iter_csr_blocks(nnz_per_block=100_000))
+        assert blocks[0].row_start == 0 and blocks[-1].row_stop == src.n_obs
+        assert all(a.row_stop == b.row_start for a, b in itertools.pairwise(blocks))
+        np.testing.assert_array_equal(np.concatenate([b.indices for b in blocks]), indices)
+        np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), data)
+        lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
+        np.testing.assert_array_equal(lengths, np.diff(indptr))
+
+
+def test_source_csc_blocks_equal_h5py(tmp_path, bgee_sources):
+    path = mi.reformat(bgee_sources["SRPT00004"], tmp_path / mi.bgee_name("SRPT93001"), fmt="csc")
+    want = sp.csc_matrix(ad.read_h5ad(path).X)
+    with H5adSource(path) as src:
+        assert src.format == "csc"
+        blocks = list(src.iter_csc_blocks(nnz_per_block=300))
+        assert len(blocks) > 5
+        got = sp.hstack(
+            [sp.csc_matrix((b.data, b.indices, b.indptr), shape=(src.n_obs, b.col_stop - b.col_start)) for b in blocks]
+        ).tocsc()
+        assert (got != want).nnz == 0
+        with pytest.raises(RuntimeError):
+            next(src.iter_csr_blocks())
+
+
+def test_dense_source_blocks(tmp_path, bgee_sources):
+    path = mi.reformat(bgee_sources["SRPT00004"], tmp_path / mi.bgee_name("SRPT93002"), fmt="dense")
+    want = np.asarray(ad.read_h5ad(path).X)
+    with H5adSource(path) as src:
+        assert src.format == "dense" and src.nnz is None
+        blocks = list(src.iter_csr_blocks(nnz_per_block=1000))
+        assert len(blocks) > 3
+        got = sp.vstack(
+            [sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.row_stop - b.row_start, src.n_vars)) for b in blocks]
+        )
+        np.testing.assert_array_equal(got.toarray(), want)
+
+
+def test_cpm_detection(tmp_path):
+    path, raw = mi.cpm_bug(tmp_path / "Homo_sapiens_SC_RNA-Seq_read_counts_CPM_SRPT93003.h5ad", exp="SRPT93003")
+    with H5adSource(path) as src:
+        assert src.cpm_in_x is True and src.counts_key == "layers/abundance"
+        assert src.layout == "B" and src.experiment_id == "SRPT93003"
+        blocks = list(src.iter_csr_blocks())
+        np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), raw.data)
+
+
+def test_cpm_detection_with_empty_last_rows(tmp_path):
+    """A B file whose last sampled cells have no counts (regression: np.add.reduceat IndexError)."""
+    adata = mi.make_adata(40, 30, seed=2, empty_rows=(38, 39))
+    adata.layers["abundance"] = adata.X.copy()
+    path = mi.write(adata, tmp_path / mi.bgee_name("SRPT93004"))
+    with H5adSource(path) as src:
+        assert src.cpm_in_x is False and src.counts_key == "X"
+
+
+def test_cpm_in_x_without_integral_layer_is_refused(tmp_path):
+    path, _ = mi.cpm_bug(tmp_path / mi.bgee_name("SRPT93005"), exp="SRPT93005")
+    with h5py.File(path, "r+") as f:
+        f["layers/abundance/data"][...] = f["layers/abundance/data"][:] + np.float32(0.5)
+    with pytest.raises(BgeeInputError, match="CPM") as info:
+        H5adSource(path)
+    assert str(path) in str(info.value)
+
+
+def test_b_layout_recognised_by_columns_without_layers(tmp_path):
+    """B files name their library column library_id; without layers/uns that still says B, not doc."""
+    path, adata = mi.b_layout(tmp_path / "x.h5ad", exp="SRPT93006")
+    a = ad.read_h5ad(path)
+    del a.layers["abundance"]
+    a.uns = {}
+    mi.write(a, path)
+    with H5adSource(path) as src:
+        assert src.layout == "B"
+        assert src.experiment_id == "SRPT93006"
+        assert mi.as_str(src.obs["libID"]) == mi.as_str(adata.obs["library_id"])
+
+
+def test_detect_layout_rules():
+    doc = list(mi.CANONICAL[:-1])
+    assert detect_layout(doc, set(), set(), set()) == "doc"
+    assert detect_layout(doc, set(), set(), {"abundance"}) == "B"
+    assert detect_layout([*doc, "anatId"], set(), set(), set()) == "C"
+    assert detect_layout(["barcode", "tissue_ontology_term_id"], set(), set(), set()) == "D"
+    assert detect_layout(["barcode"], set(), {"schema_version"}, set()) == "D"
+    with pytest.raises(ValueError, match="unknown layout"):
+        detect_layout(["cell", "batch"], set(), set(), set())
+
+
+def test_parse_bgee_filename():
+    assert parse_bgee_filename("/x/Homo_sapiens_SRP123_droplet_based.h5ad") == ("Homo_sapiens", "SRP123")
+    assert parse_bgee_filename("Mus_musculus_SRP1_droplet_based.D.h5ad") == ("Mus_musculus", "SRP1")
+    assert parse_bgee_filename("Danio_rerio_SC_RNA-Seq_read_counts_CPM_ERP42.h5ad") == ("Danio_rerio", "ERP42")
+    assert parse_bgee_filename("my_download.h5ad") is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "word"),
+    [
+        ("truncated", "truncated"),
+        ("not_hdf5", "not an HDF5"),
+        ("no_x", "no X"),
+        ("shapes", "disagrees"),
+        ("duplicates", "duplicate cell names"),
+        ("unknown_layout", "unknown layout"),
+    ],
+)
+def test_source_rejects_bad_files_on_open(tmp_path, bgee_sources, kind, word):
+    real = bgee_sources["SRPT00004"]
+    dst = tmp_path / mi.bgee_name("SRPT93007")
+    path = {
+        "truncated": lambda: mi.truncated(real, dst),
+        "not_hdf5": lambda: mi.not_hdf5(dst),
+        "no_x": lambda: mi.without_x(real, dst),
+        "shapes": lambda: mi.obs_shorter_than_x(real, dst),
+        "duplicates": lambda: mi.duplicate_cell_names(real, dst),
+        "unknown_layout": lambda: mi.unknown_layout(dst),
+    }[kind]()
+    with pytest.raises(BgeeInputError) as info:
+        H5adSource(path)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and word.lower() in msg.lower() and "\n" not in msg
+
+
+@pytest.mark.parametrize(("value", "word"), [(-2.0, "negative"), (np.nan, "NaN"), (np.inf, "infinite")])
+def test_source_rejects_bad_values_while_streaming(tmp_path, value, word):
+    path = mi.bad_value(tmp_path / mi.bgee_name("SRPT93008"), value)
+    with H5adSource(path) as src, pytest.raises(BgeeInputError, match=word) as info:
+        list(src.iter_csr_blocks(nnz_per_block=50))
+    assert str(path) in str(info.value)

@@ -1,0 +1,280 @@
+"""The store writer's parts: hand-assembled zarr shards, the two-pass (spill) reorder, sorting, runs."""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+
+import bgee_dask.store.writer as writer
+from bgee_dask.h5ad.source import H5adSource
+from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
+from bgee_dask.store.reorder import stream_sorted
+from bgee_dask.store.runs import runs_table
+from bgee_dask.store.shards import ShardWriter
+
+from . import make_inputs as mi
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# -- ShardWriter ---------------------------------------------------------------------------------
+def _random_values(rng, dtype, n):
+    if np.issubdtype(dtype, np.floating):
+        return (rng.standard_normal(n) * 100).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=n, endpoint=True, dtype=dtype)
+
+
+def _pieces(rng, values):
+    cuts = np.sort(rng.integers(0, values.size + 1, size=int(rng.integers(0, 12))))
+    return np.split(values, cuts)
+
+
+CODECS = [
+    DEFAULT_CODEC,
+    BloscSettings(cname="lz4", clevel=5, shuffle="shuffle"),
+    BloscSettings(cname="zstd", clevel=3, shuffle="noshuffle"),
+]
+
+
+@pytest.mark.parametrize("at_root", [False, True], ids=["nested", "root"])
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.cname}-{c.shuffle}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.uint8, np.int16])
+@pytest.mark.parametrize("seed", range(3))
+def test_shard_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
+    rng = np.random.default_rng(seed * 1000 + np.dtype(dtype).itemsize)
+    chunk = int(rng.integers(1, 300))
+    shard = chunk * int(rng.integers(1, 9))
+    size = [0, 1, chunk, shard, 3 * shard, int(rng.integers(1, 6 * shard))][int(rng.integers(0, 6)) if seed else 5]
+    store = zarr.storage.LocalStore(tmp_path / "s.zarr")
+    kwargs = dict(
+        shape=(size,),
+        dtype=dtype,
+        chunks=(chunk,),
+        shards=(shard,),
+        compressors=codec.zarr_codec(np.dtype(dtype)),
+        fill_value=0,
+    )
+    if at_root:
+        arr = zarr.create_array(store, **kwargs)
+    else:
+        arr = zarr.open_group(store, mode="w").create_group("X").create_array("data", **kwargs)
+    values = _random_values(rng, dtype, size)
+    with ThreadPoolExecutor(2) as pool:
+        w = ShardWriter(arr, codec, pool if seed % 2 else None)
+        for piece in _pieces(rng, values):
+            w.append(piece)
+        w.close()
+    back = zarr.open_array(store, path="" if at_root else "X/data", mode="r")
+    got = back[:]
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, values)
+    # random slices through zarr's partial shard reads
+    for _ in range(5):
+        a = int(rng.integers(0, size + 1))
+        b = int(rng.integers(a, size + 1))
+        np.testing.assert_array_equal(back[a:b], values[a:b])
+    # one object per shard, all inside the store (an array at the root once wrote to "/c/<i>")
+    shard_dir = tmp_path / "s.zarr" / ("c" if at_root else "X/data/c")
+    n_shards = -(-size // shard)
+    assert sorted(p.name for p in shard_dir.glob("*")) == sorted(str(i) for i in range(n_shards))
+    assert w.bytes_written == sum(p.stat().st_size for p in shard_dir.glob("*"))
+
+
+def test_shard_writer_checks_the_count(tmp_path):
+    store = zarr.storage.LocalStore(tmp_path / "s.zarr")
+    arr = zarr.open_group(store, mode="w").create_array(
+        "v",
+        shape=(100,),
+        dtype=np.int32,
+        chunks=(10,),
+        shards=(40,),
+        compressors=DEFAULT_CODEC.zarr_codec(np.dtype("i4")),
+    )
+    w = ShardWriter(arr, DEFAULT_CODEC)
+    w.append(np.arange(99, dtype=np.int32))
+    with pytest.raises(RuntimeError, match="99 values"):
+        w.close()
+    with pytest.raises(ValueError, match="sharded"):
+        ShardWriter(zarr.open_group(store, mode="a").create_array("u", shape=(5,), dtype="i4"), DEFAULT_CODEC)
+    # too many values are refused before any shard beyond the array is written
+    w = ShardWriter(arr, DEFAULT_CODEC)
+    w.append(np.arange(80, dtype=np.int32))
+    with pytest.raises(RuntimeError, match="more values"):
+        w.append(np.arange(21, dtype=np.int32))
+    assert not (tmp_path / "s.zarr" / "v" / "c" / "3").exists()
+
+
+# -- the spill (two-pass) reorder against the in-memory path -------------------------------------
+def _source_file(tmp_path: Path, fmt: str, dtype=np.float32) -> Path:
+    adata = mi.make_adata(700, 90, seed=21, dtype=dtype, empty_rows=(0, 5, 699))
+    if fmt == "csc":
+        adata.X = sp.csc_matrix(adata.X)
+    elif fmt == "dense":
+        adata.X = adata.X.toarray()
+    return mi.write(adata, tmp_path / fmt / mi.bgee_name("SRPT94001"))
+
+
+def _write(source_path: Path, out: Path, spill: dict | None, monkeypatch, executor=None) -> Path:
+    if spill is None:
+        monkeypatch.setattr(writer, "stream_sorted", stream_sorted)
+    else:
+        monkeypatch.setattr(writer, "stream_sorted", functools.partial(stream_sorted, **spill))
+    with H5adSource(source_path) as src:
+        ws = writer.write_experiment(
+            src, zarr.storage.LocalStore(out), provenance={"source_name": source_path.name}, executor=executor
+        )
+    assert ws.nnz == mi.expected_counts(ad.read_h5ad(source_path)).nnz
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+SPILLS = {
+    "many-buckets": {"in_memory_nnz": 0, "bucket_nnz": 97, "read_nnz": 61},
+    "tiny": {"in_memory_nnz": 0, "bucket_nnz": 3, "read_nnz": 5},
+    "one-bucket": {"in_memory_nnz": 0, "bucket_nnz": 1 << 30, "read_nnz": 400},
+}
+
+
+@pytest.mark.parametrize("spill", list(SPILLS))
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_spill_path_writes_the_same_store(tmp_path, monkeypatch, fmt, spill):
+    # small shards so that the store has several, and a partial last one
+    monkeypatch.setattr(writer, "VALUES_CHUNK", 256)
+    monkeypatch.setattr(writer, "VALUES_SHARD", 1024)
+    src = _source_file(tmp_path, fmt)
+    mem = _write(src, tmp_path / "mem.zarr", None, monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        spilled = _write(src, tmp_path / "spill.zarr", SPILLS[spill], monkeypatch, executor=pool)
+    a, b = _files(mem), _files(spilled)
+    assert len([k for k in a if k.startswith("X/data/c/")]) > 3
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key], f"{key} differs between the in-memory and spill paths"
+    sa, sb = ad.read_zarr(mem), ad.read_zarr(spilled)
+    pd.testing.assert_frame_equal(sa.obs, sb.obs)
+    pd.testing.assert_frame_equal(sa.var, sb.var)
+    # and both are the source, reordered
+    want = mi.expected_counts(ad.read_h5ad(src))[sa.obs["source_row"].to_numpy()]
+    assert (want != sb.X).nnz == 0
+    np.testing.assert_array_equal(sb.X.indptr, want.indptr)
+    np.testing.assert_array_equal(sb.obs["n_genes"].to_numpy(), np.diff(want.indptr))
+
+
+class _Collect:
+    """A row sink that keeps what it is given."""
+
+    def __init__(self):
+        self.began: list[tuple[np.ndarray, np.ndarray]] = []
+        self.calls: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def begin(self, dest_indptr, gene_nnz):
+        self.began.append((np.array(dest_indptr), np.array(gene_nnz)))
+
+    def rows(self, row_start, indptr, indices, data):
+        self.calls.append((int(row_start), np.array(indptr), np.array(indices), np.array(data)))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_stream_sorted_spills_into_many_buckets(tmp_path, fmt):
+    """Direct check of the two passes: many read blocks, many buckets, rows in ``perm`` order."""
+    path = _source_file(tmp_path, fmt, dtype=np.float64)
+    want = mi.expected_counts(ad.read_h5ad(path))
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(want.shape[0])
+    sink = _Collect()
+    reads = []
+    with H5adSource(path) as src:
+        for name in ("iter_csr_blocks", "iter_csc_blocks"):
+            original = getattr(src, name)
+
+            def counting(*args, _original=original, **kwargs):
+                for block in _original(*args, **kwargs):
+                    reads.append(block)
+                    yield block
+
+            setattr(src, name, counting)
+        spill_dir = tmp_path / "spill"
+        spill_dir.mkdir()
+        res = stream_sorted(
+            src,
+            perm,
+            sink,
+            out_dtype=np.dtype(np.float64),
+            spill_dir=str(spill_dir),
+            in_memory_nnz=0,
+            bucket_nnz=50,
+            read_nnz=40,
+        )
+    assert res.spilled
+    assert len(sink.calls) > 20 and len(reads) > 20
+    assert list(spill_dir.iterdir()) == []  # spill files cleaned up
+    reordered = want[perm]
+    # begin() announces the whole shape first
+    assert len(sink.began) == 1
+    np.testing.assert_array_equal(sink.began[0][0], reordered.indptr)
+    np.testing.assert_array_equal(sink.began[0][1], np.bincount(want.indices, minlength=want.shape[1]))
+    # then consecutive row ranges whose local offsets match the destination offsets
+    next_row = 0
+    for row_start, indptr, indices, _ in sink.calls:
+        n_rows = indptr.size - 1
+        if row_start > next_row:  # a range of empty rows may be skipped
+            assert reordered.indptr[row_start] == reordered.indptr[next_row]
+        assert row_start >= next_row
+        np.testing.assert_array_equal(
+            indptr, reordered.indptr[row_start : row_start + n_rows + 1] - reordered.indptr[row_start]
+        )
+        assert indices.size == indptr[-1]
+        next_row = row_start + n_rows
+    assert reordered.indptr[next_row] == reordered.nnz
+    np.testing.assert_array_equal(res.indptr, reordered.indptr)
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in sink.calls]), reordered.indices)
+    np.testing.assert_array_equal(np.concatenate([c[3] for c in sink.calls]), reordered.data)
+    np.testing.assert_array_equal(res.total_counts, np.asarray(want.sum(axis=1)).ravel())
+    np.testing.assert_array_equal(res.n_genes, np.diff(want.indptr))
+    assert res.nnz == want.nnz
+    if fmt != "csc":  # buckets hold at most bucket_nnz values, or one longer row
+        longest = int(np.diff(want.indptr).max())
+        assert max(c[2].size for c in sink.calls) <= max(50, longest)
+
+
+# -- sorting and runs ----------------------------------------------------------------------------
+def test_sort_order_missing_last_ties_in_source_order():
+    obs = pd.DataFrame(
+        {
+            "cellTypeId": ["CL:2", None, "CL:1", "CL:2", "CL:1", None, "CL:10"],
+            "anatEntityId": pd.Categorical(
+                ["U:b", "U:a", "U:b", "U:a", "U:b", "U:a", "U:a"], categories=["U:b", "U:a"]
+            ),
+            "libID": ["L2", "L1", "L1", "L1", "L1", "L1", "L1"],
+        }
+    )
+    order = writer.sort_order(obs, ("cellTypeId", "anatEntityId", "libID"))
+    # plain string order (not the categorical's own order), missing last, then source order
+    assert order.tolist() == [2, 4, 6, 3, 0, 1, 5]
+
+
+def test_runs_table_covers_rows():
+    obs = pd.DataFrame(
+        {
+            "cellTypeId": pd.Categorical(["a", "a", "b", "b", "b", None]),
+            "libID": ["x", "y", "y", "y", "y", "y"],
+            "speciesId": pd.array([9606] * 6, dtype="Int64"),
+        }
+    )
+    runs = runs_table(obs)
+    assert runs["row_start"].tolist() == [0, 1, 2, 5]
+    assert runs["row_stop"].tolist() == [1, 2, 5, 6]
+    assert mi.as_str(runs["cellTypeId"]) == ["a", "a", "b", None]
+    assert mi.as_str(runs["libID"]) == ["x", "y", "y", "y"]
