@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["none", "cp10k", "log1p_cp10k"], default="none")
     p.add_argument("--out", required=True, metavar="FILE", help="result file: .csv, .parquet or .nc")
     p.add_argument("--plot", metavar="PNG", help="also draw a dot plot (colour = mean, size = fraction expressing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_cluster_options(p)
 
     p = sub.add_parser("generate", help="write synthetic Bgee-like H5AD files (for demos and benchmarks)")
@@ -183,7 +184,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         stats = list(dict.fromkeys([*stats, "mean", "frac_expressed"]))
 
     def run(client: Any) -> Any:
-        q = atlas.query(args.filter, genes=_split(args.genes), client=client)
+        q = atlas.query(args.filter, genes=_split(args.genes), client=client, progress=not args.no_progress)
         return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
 
     if args.scheduler or args.cluster or args.workers or args.memory_limit:

@@ -30,10 +30,15 @@ class Atlas:
         return self.catalog.experiments
 
     def query(
-        self, filter: str | None = None, genes: Sequence[str] | str | None = None, *, client: Any | None = None
+        self,
+        filter: str | None = None,
+        genes: Sequence[str] | str | None = None,
+        *,
+        client: Any | None = None,
+        progress: bool = False,
     ) -> Query:
         """Select cells across every experiment; nothing is read until a result is asked for."""
-        return Query(self.catalog, filter=filter, genes=genes, client=client)
+        return Query(self.catalog, filter=filter, genes=genes, client=client, progress=progress)
 
     def __repr__(self) -> str:
         e = self.experiments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,8 +34,10 @@ class Query:
         filter: str | None = None,
         genes: Sequence[str] | str | None = None,
         client: Any | None = None,
+        progress: bool = False,
     ):
         self.catalog = catalog
+        self.progress = progress
         self.location = catalog.location
         self.filter_text = filter
         self.expr: Expr | None = parse_filter(filter) if filter is not None and filter.strip() else None
@@ -59,7 +62,16 @@ class Query:
         client = self.client or current_client()
         if client is not None:
             futures = client.compute(list(values))
+            if self.progress:
+                from distributed import progress
+
+                progress(futures)
             return tuple(client.gather(futures))
+        if self.progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr):
+                return dask.compute(*values, scheduler="threads", num_workers=cpu_count())
         return dask.compute(*values, scheduler="threads", num_workers=cpu_count())
 
     # -- results ---------------------------------------------------------------------------
