@@ -115,6 +115,7 @@ def convert_file(
     tmp_dir: str | None = None,
     in_memory_nnz: int | None = None,
     gene_index: bool = True,
+    progress: bool = False,
 ) -> ConversionReport:
     """Convert one file into the atlas; never raises for a bad file, reports it instead."""
     start = time.perf_counter()
@@ -140,7 +141,10 @@ def convert_file(
                             f"{existing['source_name']}; pass --overwrite to replace it",
                         )
                 rel = store_relpath(src.species, src.experiment_id)
-                kwargs = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
+                kwargs: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
+                bar = _value_bar(src, progress)
+                if bar is not None:
+                    src.on_read = kwargs["on_write"] = bar.update
                 provenance = {
                     "source_name": src.name,
                     "source_size": os.path.getsize(path),
@@ -151,7 +155,11 @@ def convert_file(
                     "converter": f"bgee-dask {__version__}",
                     "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 }
-                written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index)
+                try:
+                    written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index)
+                finally:
+                    if bar is not None:
+                        bar.close()
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
@@ -335,9 +343,20 @@ def convert(
     return sorted(reports, key=lambda r: order.get(r.source, len(order)))
 
 
+def _value_bar(src: H5adSource, progress: bool):
+    """A bar over the values read and then written (twice the file's values), for one large file."""
+    if not progress or not src.nnz:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=2 * src.nnz, desc=src.name, unit=" values", unit_scale=True, leave=False)
+
+
 def _run_serial(todo, loc, kwargs, progress) -> list[ConversionReport]:
     from tqdm.auto import tqdm
 
+    if len(todo) == 1:  # one file: show its values rather than a 0/1 file count
+        return [convert_file(todo[0], loc, progress=progress, **kwargs)]
     out = []
     for path in tqdm(todo, desc="converting", unit="file", disable=not progress or not todo):
         out.append(convert_file(path, loc, **kwargs))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -77,6 +77,8 @@ class H5adSource:
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
         self.executor = executor
+        #: called with the number of values each decoded block holds (progress bars)
+        self.on_read: Callable[[int], None] | None = None
         if not os.path.exists(self.path):
             raise _fail(self.path, "no such file")
         try:
@@ -297,11 +299,15 @@ class H5adSource:
             a, b = int(indptr[c0]), int(indptr[c1])
             data, indices = self._data.read(a, b), self._indices.read(a, b)
             self._check_values(data, indices, self.n_obs, f"columns {c0}-{c1}")
+            if self.on_read is not None:
+                self.on_read(int(data.size))
             yield CscBlock(c0, c1, indptr[c0 : c1 + 1] - a, indices, data)
             c0 = c1
 
     def _checked_csr(self, r0: int, r1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> CsrBlock:
         self._check_values(data, indices, self.n_vars, f"rows {r0}-{r1}")
+        if self.on_read is not None:
+            self.on_read(int(data.size))
         return CsrBlock(r0, r1, indptr, indices, data)
 
     def _check_values(self, data: np.ndarray, indices: np.ndarray, bound: int, where: str) -> None:

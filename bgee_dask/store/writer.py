@@ -9,6 +9,7 @@ metadata, so that a store interrupted mid-write never claims to be whole.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +59,14 @@ class WrittenStore:
 class _StoreSink:
     """Writes the sorted rows into X and, when asked, into the gene-major copy as well."""
 
-    def __init__(self, indices: ShardWriter, data: ShardWriter, genes: GeneIndexBuilder | None):
-        self.indices, self.data, self.genes = indices, data, genes
+    def __init__(
+        self,
+        indices: ShardWriter,
+        data: ShardWriter,
+        genes: GeneIndexBuilder | None,
+        on_write: Callable[[int], None] | None = None,
+    ):
+        self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
@@ -71,6 +78,8 @@ class _StoreSink:
         self.data.append(data)
         if self.genes is not None:
             self.genes.rows(row_start, indptr, indices, data)
+        if self.on_write is not None:
+            self.on_write(int(indices.size))
 
 
 def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np.ndarray:
@@ -117,6 +126,7 @@ def write_experiment(
     spill_dir: str | None = None,
     in_memory_nnz: int = IN_MEMORY_NNZ,
     gene_index_store: zarr.abc.store.Store | None = None,
+    on_write: Callable[[int], None] | None = None,
 ) -> WrittenStore:
     """Write ``source`` into an empty ``store`` (and its gene-major copy into ``gene_index_store``)."""
     perm = sort_order(source.obs)
@@ -156,7 +166,7 @@ def write_experiment(
             executor=executor,
             spill_dir=spill_dir,
         )
-    sink = _StoreSink(indices_writer, data_writer, genes)
+    sink = _StoreSink(indices_writer, data_writer, genes, on_write)
     try:
         result = stream_sorted(
             source, perm, sink, out_dtype=out_dtype, spill_dir=spill_dir, in_memory_nnz=in_memory_nnz
