@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
+import bgee_dask.store.layout as layout
 import bgee_dask.store.writer as writer
 from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
@@ -151,8 +152,8 @@ SPILLS = {
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
 def test_spill_path_writes_the_same_store(tmp_path, monkeypatch, fmt, spill):
     # small shards so that the store has several, and a partial last one
-    monkeypatch.setattr(writer, "VALUES_CHUNK", 256)
-    monkeypatch.setattr(writer, "VALUES_SHARD", 1024)
+    monkeypatch.setattr(layout, "VALUES_CHUNK", 256)
+    monkeypatch.setattr(layout, "VALUES_SHARD", 1024)
     src = _source_file(tmp_path, fmt)
     mem = _write(src, tmp_path / "mem.zarr", None, monkeypatch)
     with ThreadPoolExecutor(2) as pool:

@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
-from .layout import DEFAULT_CODEC, INDPTR_CHUNK, INDPTR_SHARD, VALUES_CHUNK, VALUES_SHARD, BloscSettings
+from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .shard_reader import ShardedArrayReader
 from .shards import ShardWriter
 
@@ -92,19 +92,12 @@ class GeneIndexBuilder:
             root = zarr.open_group(self.store, mode="w", zarr_format=3)
             total = int(self.indptr[-1])
 
-            def values_array(name: str, dtype: np.dtype) -> zarr.Array:
-                return root.create_array(
-                    name,
-                    shape=(total,),
-                    dtype=dtype,
-                    chunks=(VALUES_CHUNK,),
-                    shards=(VALUES_SHARD,),
-                    compressors=self.codec.zarr_codec(np.dtype(dtype)),
-                    fill_value=0,
-                )
-
-            cells_out = ShardWriter(values_array("indices", np.dtype(np.int32)), self.codec, self.executor)
-            data_out = ShardWriter(values_array("data", self.dtype), self.codec, self.executor)
+            cells_out = ShardWriter(
+                create_values_array(root, "indices", total, np.dtype(np.int32), self.codec), self.codec, self.executor
+            )
+            data_out = ShardWriter(
+                create_values_array(root, "data", total, self.dtype, self.codec), self.codec, self.executor
+            )
             for k in range(len(self.bounds) - 1):
                 cells, genes, values = self._load(k)
                 expected = int(self.indptr[self.bounds[k + 1]] - self.indptr[self.bounds[k]])
@@ -116,16 +109,7 @@ class GeneIndexBuilder:
                 data_out.append(values[order])
             cells_out.close()
             data_out.close()
-            indptr = root.create_array(
-                "indptr",
-                shape=(self.n_genes + 1,),
-                dtype=np.int64,
-                chunks=(INDPTR_CHUNK,),
-                shards=(INDPTR_SHARD,),
-                compressors=self.codec.zarr_codec(np.dtype(np.int64)),
-                fill_value=0,
-            )
-            indptr[:] = self.indptr
+            write_indptr_array(root, "indptr", self.indptr, self.codec)
             root.attrs["bgee_dask"] = {
                 "format": GENE_INDEX_FORMAT,
                 "format_version": GENE_INDEX_VERSION,

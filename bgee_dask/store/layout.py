@@ -65,3 +65,30 @@ def row_blocks(indptr: np.ndarray, block_nnz: int = BLOCK_NNZ, max_rows: int = B
 def store_relpath(species: str, experiment_id: str) -> str:
     """Where an experiment's store lives inside an atlas."""
     return f"{species}/{experiment_id}.zarr"
+
+
+def create_values_array(group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC):
+    """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above."""
+    return group.create_array(
+        name,
+        shape=(size,),
+        dtype=dtype,
+        chunks=(VALUES_CHUNK,),
+        shards=(VALUES_SHARD,),
+        compressors=codec.zarr_codec(np.dtype(dtype)),
+        fill_value=0,
+    )
+
+
+def write_indptr_array(group, name: str, indptr: np.ndarray, codec: BloscSettings = DEFAULT_CODEC) -> None:
+    """An int64 offsets array (X/indptr and the gene index's), written whole: it is small."""
+    arr = group.create_array(
+        name,
+        shape=(len(indptr),),
+        dtype=np.int64,
+        chunks=(INDPTR_CHUNK,),
+        shards=(INDPTR_SHARD,),
+        compressors=codec.zarr_codec(np.dtype(np.int64)),
+        fill_value=0,
+    )
+    arr[:] = indptr

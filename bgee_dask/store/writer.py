@@ -28,12 +28,10 @@ from .layout import (
     DEFAULT_CODEC,
     FORMAT_NAME,
     FORMAT_VERSION,
-    INDPTR_CHUNK,
-    INDPTR_SHARD,
-    VALUES_CHUNK,
-    VALUES_SHARD,
     BloscSettings,
+    create_values_array,
     row_blocks,
+    write_indptr_array,
 )
 from .reorder import IN_MEMORY_NNZ, stream_sorted
 from .runs import runs_table
@@ -141,19 +139,10 @@ def write_experiment(
     if nnz_total is None:
         nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-    def values_array(name: str, dtype: np.dtype) -> zarr.Array:
-        return x.create_array(
-            name,
-            shape=(nnz_total,),
-            dtype=dtype,
-            chunks=(VALUES_CHUNK,),
-            shards=(VALUES_SHARD,),
-            compressors=codec.zarr_codec(np.dtype(dtype)),
-            fill_value=0,
-        )
-
-    data_writer = ShardWriter(values_array("data", out_dtype), codec, executor)
-    indices_writer = ShardWriter(values_array("indices", np.dtype(np.int32)), codec, executor)
+    data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor)
+    indices_writer = ShardWriter(
+        create_values_array(x, "indices", nnz_total, np.dtype(np.int32), codec), codec, executor
+    )
 
     genes = None
     if gene_index_store is not None:
@@ -178,16 +167,7 @@ def write_experiment(
     finally:
         if genes is not None:
             genes.discard()
-    indptr = x.create_array(
-        "indptr",
-        shape=(source.n_obs + 1,),
-        dtype=np.int64,
-        chunks=(INDPTR_CHUNK,),
-        shards=(INDPTR_SHARD,),
-        compressors=codec.zarr_codec(np.dtype(np.int64)),
-        fill_value=0,
-    )
-    indptr[:] = result.indptr
+    write_indptr_array(x, "indptr", result.indptr, codec)
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
     obs = obs.copy()
