@@ -46,3 +46,41 @@ def gather_rows(
     out_d = np.empty(total, dtype=out_dtype)
     gather_segments(starts, lengths, indices, data.astype(out_dtype, copy=False), out_i, out_d)
     return out_i, out_d
+
+
+@numba.njit(nogil=True, cache=True)
+def scatter_by_bucket(
+    row_start, indptr, indices, data, bucket_of_gene, n_buckets, out_cells, out_genes, out_values, bucket_offsets
+):  # pragma: no cover - jit
+    """Counting sort of a CSR piece's values by their gene's bucket, keeping row order inside a bucket.
+
+    ``bucket_offsets`` (length n_buckets + 1) receives where each bucket's values start in the outputs.
+    """
+    bucket_offsets[:] = 0
+    for k in range(indices.shape[0]):
+        bucket_offsets[bucket_of_gene[indices[k]] + 1] += 1
+    for b in range(n_buckets):
+        bucket_offsets[b + 1] += bucket_offsets[b]
+    pos = bucket_offsets[:-1].copy()
+    for r in range(indptr.shape[0] - 1):
+        cell = row_start + r
+        for k in range(indptr[r], indptr[r + 1]):
+            g = indices[k]
+            b = bucket_of_gene[g]
+            p = pos[b]
+            out_cells[p] = cell
+            out_genes[p] = g
+            out_values[p] = data[k]
+            pos[b] = p + 1
+
+
+@numba.njit(nogil=True, cache=True)
+def order_by_gene(genes, cells, values, gene_start, gene_offsets, out_cells, out_values):  # pragma: no cover - jit
+    """Counting sort by gene with known per-gene offsets; stable, so each gene's cells stay increasing."""
+    pos = gene_offsets[:-1].copy()
+    for k in range(genes.shape[0]):
+        j = genes[k] - gene_start
+        p = pos[j]
+        out_cells[p] = cells[k]
+        out_values[p] = values[k]
+        pos[j] = p + 1

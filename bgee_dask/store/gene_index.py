@@ -7,8 +7,9 @@ separate store next to the AnnData one (``<EXP>.by_gene.zarr``) because ``anndat
 loads every member of a store, and the index is not part of the data.
 
 It is built from the sorted row stream of the conversion: values are scattered to gene-range
-spill files in row order, then each range is put in gene order with a stable radix sort, which
-keeps the rows of each gene increasing. Memory is one gene range, whatever the file size.
+spill files in row order, then each range is put in gene order with a stable counting sort (the
+per-gene counts are known), which keeps the rows of each gene increasing; both passes are O(n).
+Memory is one gene range, whatever the file size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
+from .csr_kernels import order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .shard_reader import ShardedArrayReader
 from .shards import ShardWriter
@@ -67,24 +69,30 @@ class GeneIndexBuilder:
         while bounds[-1] < self.n_genes:
             g0 = bounds[-1]
             g1 = int(np.searchsorted(self.indptr, self.indptr[g0] + self.bucket_nnz, side="right")) - 1
-            bounds.append(min(self.n_genes, max(g1, g0 + 1), g0 + 65535))
+            bounds.append(min(self.n_genes, max(g1, g0 + 1)))
         self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.bucket_of_gene = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(self.bounds))
         self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
-        if indices.size == 0:
+        n = indices.size
+        if n == 0:
             return
-        cells = np.repeat(np.arange(row_start, row_start + len(indptr) - 1, dtype=np.int32), np.diff(indptr))
-        bucket = (np.searchsorted(self.bounds, indices, side="right") - 1).astype(np.uint16)
-        order = np.argsort(bucket, kind="stable")  # radix sort: cells stay increasing per bucket
-        bucket, cells, genes, values = bucket[order], cells[order], indices[order], data[order]
-        cuts = np.flatnonzero(np.diff(bucket)) + 1
-        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, bucket.size].tolist(), strict=True):
-            with open(os.path.join(self.workdir, f"genes-{int(bucket[a]):05d}.bin"), "ab") as fh:
+        n_buckets = len(self.bounds) - 1
+        cells = np.empty(n, dtype=np.int32)
+        genes = np.empty(n, dtype=np.int32)
+        values = np.empty(n, dtype=self.dtype)
+        offsets = np.empty(n_buckets + 1, dtype=np.int64)
+        scatter_by_bucket(
+            row_start, indptr, indices, data, self.bucket_of_gene, n_buckets, cells, genes, values, offsets
+        )
+        for k in np.flatnonzero(np.diff(offsets)).tolist():
+            a, b = int(offsets[k]), int(offsets[k + 1])
+            with open(os.path.join(self.workdir, f"genes-{k:05d}.bin"), "ab") as fh:
                 np.asarray([b - a], dtype=np.int64).tofile(fh)
                 cells[a:b].tofile(fh)
-                genes[a:b].astype(np.int32).tofile(fh)
-                values[a:b].astype(self.dtype).tofile(fh)
+                genes[a:b].tofile(fh)
+                values[a:b].tofile(fh)
 
     def close(self, attrs: dict) -> None:
         """Put each gene range in order, write the arrays, then the attributes and metadata."""
@@ -103,10 +111,13 @@ class GeneIndexBuilder:
                 expected = int(self.indptr[self.bounds[k + 1]] - self.indptr[self.bounds[k]])
                 if cells.size != expected:
                     raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {expected}")
-                local = (genes - self.bounds[k]).astype(np.uint16)
-                order = np.argsort(local, kind="stable")
-                cells_out.append(cells[order])
-                data_out.append(values[order])
+                g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
+                ordered_cells = np.empty_like(cells)
+                ordered_values = np.empty_like(values)
+                offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
+                order_by_gene(genes, cells, values, g0, offsets, ordered_cells, ordered_values)
+                cells_out.append(ordered_cells)
+                data_out.append(ordered_values)
             cells_out.close()
             data_out.close()
             write_indptr_array(root, "indptr", self.indptr, self.codec)
