@@ -279,3 +279,24 @@ def test_runs_table_covers_rows():
     assert runs["row_stop"].tolist() == [1, 2, 5, 6]
     assert mi.as_str(runs["cellTypeId"]) == ["a", "a", "b", None]
     assert mi.as_str(runs["libID"]) == ["x", "y", "y", "y"]
+
+
+def test_prefetch_passes_errors_and_stops_with_its_consumer():
+    import threading
+    import time
+
+    from bgee_dask.store.reorder import prefetch
+
+    assert list(prefetch(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise ValueError("bad block")
+
+    with pytest.raises(ValueError, match="bad block"):
+        list(prefetch(failing()))
+    it = prefetch(iter(range(100)))
+    assert next(it) == 0
+    it.close()  # the consumer stops early, as on an error in the conversion
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "bgee-dask-prefetch"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from queue import Full, Queue
+from typing import Protocol, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +34,8 @@ class RowSink(Protocol):
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None: ...
 
+
+T = TypeVar("T")
 
 #: Matrices with at most this many values are reordered in memory (about 8 bytes per value).
 IN_MEMORY_NNZ = 1 << 24
@@ -94,7 +98,7 @@ def stream_sorted(
         row_len = np.zeros(n, dtype=np.int64)
         gene_nnz = np.zeros(source.n_vars, dtype=np.int64)
         if source.format == "csc":
-            for block in source.iter_csc_blocks(nnz_per_block=read_nnz):
+            for block in prefetch(source.iter_csc_blocks(nnz_per_block=read_nnz)):
                 csr = sp.csc_matrix(
                     (block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start)
                 ).tocsr()
@@ -119,7 +123,7 @@ def stream_sorted(
             lengths = np.diff(source.indptr) if source.format == "csr" else None
             if lengths is not None:
                 bounds = row_blocks(_permuted_indptr(source.indptr, perm), bucket_nnz)
-            for block in source.iter_csr_blocks(nnz_per_block=read_nnz):
+            for block in prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)):
                 r0, r1 = block.row_start, block.row_stop
                 row_totals(block.indptr, block.data, totals[r0:r1], detected[r0:r1])
                 row_len[r0:r1] = np.diff(block.indptr)
@@ -141,6 +145,50 @@ def stream_sorted(
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Decode the next source block on a helper thread while this one is processed.
+
+    Decoding releases the GIL, so this overlaps reading with the scatter and the encoding of
+    the previous block; ``depth`` blocks are held in memory in addition to the current one.
+    If the consumer stops early (an error), the producer notices and ends.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if not put(block):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(exc)
+            return
+        put(done)
+
+    thread = threading.Thread(target=produce, name="bgee-dask-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -171,7 +219,7 @@ def _read_all_csr(source: H5adSource, read_nnz: int) -> tuple[np.ndarray, np.nda
         csr = sp.csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
         csr.sort_indices()
         return csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data
-    parts = list(source.iter_csr_blocks(nnz_per_block=read_nnz))
+    parts = list(prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)))
     indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]]).astype(np.int64)
     indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
     data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
