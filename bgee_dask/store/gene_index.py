@@ -31,7 +31,7 @@ from .shards import ShardWriter
 GENE_INDEX_FORMAT = "bgee-dask/gene-index"
 GENE_INDEX_VERSION = "1.0"
 #: Values per gene-range spill bucket.
-GENE_BUCKET_NNZ = 1 << 24
+GENE_BUCKET_NNZ = 1 << 23
 
 
 def gene_index_relpath(store_rel: str) -> str:

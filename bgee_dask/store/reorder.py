@@ -40,7 +40,7 @@ T = TypeVar("T")
 #: Matrices with at most this many values are reordered in memory (about 8 bytes per value).
 IN_MEMORY_NNZ = 1 << 24
 #: Values per spill bucket: one bucket is held in memory while it is put in order.
-BUCKET_NNZ = 1 << 24
+BUCKET_NNZ = 1 << 23
 #: Values decoded per source block.
 READ_NNZ = 1 << 23
 
