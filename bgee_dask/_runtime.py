@@ -37,3 +37,27 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+_HEAP_TUNED = False
+
+
+def bound_heap_growth() -> None:
+    """Keep large temporary arrays out of glibc's heap arenas (Linux only, once per process).
+
+    glibc raises its mmap threshold after big arrays are freed, so later blocks of the same size
+    come from the heap, fragment it and make a long conversion's RSS creep up with the file
+    size (measured: 979 MB instead of 802 MB for a 300k-cell file). A fixed 1 MiB threshold
+    returns every block's memory to the system when it is freed.
+    """
+    global _HEAP_TUNED
+    if _HEAP_TUNED:
+        return
+    _HEAP_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass

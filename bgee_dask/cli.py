@@ -8,6 +8,7 @@ the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -27,8 +28,30 @@ def _add_cluster_options(p: argparse.ArgumentParser, *, workers: bool = True) ->
     g.add_argument(
         "--cluster", choices=["slurm", "pbs", "sge", "lsf"], help="start workers as batch jobs (dask-jobqueue)"
     )
-    g.add_argument("--jobs", type=int, default=None, metavar="N", help="number of batch jobs with --cluster")
-    g.add_argument("--memory-limit", metavar="SIZE", help="memory limit per local worker, e.g. 2GB")
+    g.add_argument("--jobs", type=int, default=None, metavar="N", help="batch jobs to start with --cluster (default 1)")
+    g.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="memory per worker, e.g. 2GB: each local worker's limit, or each batch job's memory with --cluster",
+    )
+    j = p.add_argument_group(
+        "batch jobs (--cluster; defaults from the jobqueue.<kind> section of Dask's config, else 1 core, 4GB, 1 hour)"
+    )
+    j.add_argument("--jobqueue-config", metavar="YAML", help="a dask-jobqueue configuration file (jobqueue.yaml)")
+    j.add_argument(
+        "--interface",
+        metavar="IFACE",
+        help="network interface the scheduler and workers talk over, e.g. ib0 (lo on a single machine)",
+    )
+    j.add_argument("--queue", metavar="NAME", help="queue / partition to submit to")
+    j.add_argument("--cores", type=int, metavar="N", help="cores per job (one worker process per job)")
+    j.add_argument("--walltime", metavar="HH:MM:SS", help="time limit of each job")
+    j.add_argument(
+        "--worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up if no job has started a worker after this long (default 600)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a small atlas, convert it and run a query (no download)")
     p.add_argument("--dir", default="bgee-demo", help="working folder (default: ./bgee-demo)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes of the local cluster")
+    _add_cluster_options(p)
     return parser
 
 
@@ -106,11 +129,45 @@ def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "cluster": args.cluster,
         "jobs": args.jobs,
         "memory_limit": args.memory_limit,
+        "jobqueue_config": args.jobqueue_config,
+        "jobqueue_options": {
+            "interface": args.interface,
+            "queue": args.queue,
+            "cores": args.cores,
+            "walltime": args.walltime,
+        },
+        "worker_timeout": args.worker_timeout,
     }
 
 
+def _check_cluster_args(args: argparse.Namespace) -> None:
+    if args.scheduler and args.cluster:
+        raise ValueError("choose one of --scheduler and --cluster")
+    batch = [f"--{k.replace('_', '-')}" for k in ("jobs", "jobqueue_config", "interface", "queue", "cores", "walltime")]
+    used = [flag for flag in batch if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if used and not args.cluster:
+        raise ValueError(f"{', '.join(used)} only apply with --cluster")
+
+
+def _remote_client(args: argparse.Namespace) -> bool:
+    """Whether to build a client from the options (else the API starts its own local cluster)."""
+    _check_cluster_args(args)
+    return bool(args.scheduler or args.cluster or args.memory_limit)
+
+
+@contextlib.contextmanager
+def _client(args: argparse.Namespace):
+    from .cluster import client_for
+
+    with client_for(**_cluster_kwargs(args)) as client:
+        if args.cluster:
+            print(f"{args.cluster} cluster: dashboard {client.dashboard_link}", file=sys.stderr)
+        yield client
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .atlas.convert import convert
+    from .atlas.convert import convert, find_sources
+    from .atlas.location import AtlasLocation
 
     kwargs = dict(
         overwrite=args.overwrite,
@@ -120,10 +177,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tmp_dir=args.tmp_dir,
         gene_index=not args.no_gene_index,
     )
-    if args.scheduler or args.cluster or args.memory_limit:
-        from .cluster import client_for
-
-        with client_for(**_cluster_kwargs(args)) as client:
+    out = AtlasLocation(args.out)
+    if not out.is_local and find_sources(args.sources):
+        out.check_access(write=True)  # wrong credentials or a missing bucket: say so before converting
+    if _remote_client(args):
+        with _client(args) as client:
             reports = convert(args.sources, args.out, client=client, **kwargs)
     else:
         reports = convert(args.sources, args.out, workers=args.workers, **kwargs)
@@ -187,10 +245,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         q = atlas.query(args.filter, genes=_split(args.genes), client=client, progress=not args.no_progress)
         return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
 
-    if args.scheduler or args.cluster or args.workers or args.memory_limit:
-        from .cluster import client_for
-
-        with client_for(**_cluster_kwargs(args)) as client:
+    if _remote_client(args) or args.workers:
+        with _client(args) as client:
             ds = run(client)
     else:
         ds = run(None)
@@ -227,6 +283,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if _remote_client(args):
+        # the demo's convert and query use the current client: this one
+        with _client(args):
+            return run_demo(args.dir, workers=args.workers)
     return run_demo(args.dir, workers=args.workers)
 
 
@@ -254,6 +314,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"bgee-dask: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not _is_storage_library_error(exc):
+            raise
+        print(f"bgee-dask: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_storage_library_error(exc: BaseException) -> bool:
+    """Errors of the object-store stack (botocore, aiohttp, fsspec): the user's setup, not a bug."""
+    modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
+    return bool(modules & {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs"})
 
 
 if __name__ == "__main__":  # pragma: no cover

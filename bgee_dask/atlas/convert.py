@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._runtime import cpu_count, current_client, local_client
+from .._runtime import bound_heap_growth, cpu_count, current_client, local_client
 from .._version import __version__
 from ..h5ad.source import H5adSource
 from ..schema import BgeeInputError, parse_bgee_filename
@@ -118,6 +118,7 @@ def convert_file(
     progress: bool = False,
 ) -> ConversionReport:
     """Convert one file into the atlas; never raises for a bad file, reports it instead."""
+    bound_heap_growth()
     start = time.perf_counter()
     report = ConversionReport(source=path, status="failed")
     threads = threads or cpu_count()

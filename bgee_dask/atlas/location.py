@@ -6,28 +6,109 @@ behave the same, and so that local writes can be made atomic with a rename.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pandas as pd
 import zarr
 
+S3_PROTOCOLS = ("s3", "s3a")
+
+#: s3fs options used unless the caller's ``storage_options`` say otherwise (key by key, also inside
+#: ``config_kwargs``). They bound the time a failure takes: wrong credentials, a missing bucket or a
+#: refused connection fail within a second or two; an endpoint that accepts connections but never
+#: answers fails after 8 attempts x ``read_timeout`` (about 50 s): botocore tries twice (its
+#: ``max_attempts`` counts retries), inside s3fs's 2 attempts, which it nests for whole-object reads.
+#: ``max_concurrency=1`` makes a whole-object read one GET (s3fs otherwise asks for the size first,
+#: a HEAD per read); bgee-dask writes no object above s3fs's 50 MB block, so uploads lose nothing.
+S3_DEFAULTS: dict[str, Any] = {
+    "max_concurrency": 1,
+    "config_kwargs": {
+        "connect_timeout": 5,
+        "read_timeout": 6,
+        "retries": {"max_attempts": 1, "mode": "standard"},
+    },
+}
+
+#: s3fs's attempts per request (a class attribute, so not settable through ``storage_options``; its
+#: default, 5, nested, let a silent endpoint hang a reader for minutes).
+S3_RETRIES = 2
+
+
+class StorageAccessError(OSError):
+    """The object store could not be used: wrong credentials, a missing bucket, an unreachable endpoint."""
+
 
 def _s3_env_options(protocol: str) -> dict[str, Any]:
-    """The usual AWS variables, including AWS_ENDPOINT_URL for S3-compatible servers."""
-    if protocol not in ("s3", "s3a"):
+    """The usual AWS variables, including AWS_ENDPOINT_URL(_S3) for S3-compatible servers.
+
+    They are copied into the options (rather than left to botocore) so that they travel with the
+    tasks to workers whose environment does not have them.
+    """
+    if protocol not in S3_PROTOCOLS:
         return {}
     opts: dict[str, Any] = {}
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
         opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        opts["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            opts["token"] = os.environ["AWS_SESSION_TOKEN"]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
     return opts
+
+
+def _with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over :data:`S3_DEFAULTS` for S3 (the caller wins key by key); others unchanged."""
+    if protocol not in S3_PROTOCOLS:
+        return dict(options)
+    merged = {**S3_DEFAULTS, **options}
+    merged["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **(options.get("config_kwargs") or {})}
+    return merged
+
+
+def _bounded(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """Cap s3fs's retries (a class attribute, so not settable through ``storage_options``)."""
+    if type(fs).__name__ == "S3FileSystem" and getattr(fs, "retries", 0) > S3_RETRIES:
+        fs.retries = S3_RETRIES
+    return fs
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code (``NoSuchBucket``, ``AccessDenied`` ...) behind an exception, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return (response.get("Error") or {}).get("Code")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(
+        names
+        & {
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "FSTimeoutError",
+            "TimeoutError",
+            "ConnectionError",
+        }
+    )
 
 
 class AtlasLocation:
@@ -43,7 +124,7 @@ class AtlasLocation:
         self.protocol = protocol
         if storage_options is None:
             storage_options = _s3_env_options(protocol)
-        self.storage_options = dict(storage_options)
+        self.storage_options = _with_defaults(protocol, dict(storage_options))
 
     def __repr__(self) -> str:
         return f"AtlasLocation({self.url!r})"
@@ -57,7 +138,7 @@ class AtlasLocation:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         # fsspec caches instances, so this is cheap after the first call in a process.
-        return fsspec.filesystem("file" if self.is_local else self.protocol, **self.storage_options)
+        return _bounded(fsspec.filesystem("file" if self.is_local else self.protocol, **self.storage_options))
 
     def path(self, rel: str = "") -> str:
         root = self.url if self.is_local else self.url.split("://", 1)[1]
@@ -66,16 +147,89 @@ class AtlasLocation:
     def full_url(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
+    # -- errors ------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str | None:
+        """The object store's endpoint URL when one is set (S3-compatible servers)."""
+        kwargs = self.storage_options.get("client_kwargs") or {}
+        return kwargs.get("endpoint_url") or self.storage_options.get("endpoint_url")
+
+    def _bucket(self) -> str:
+        return self.path().split("/", 1)[0]
+
+    def storage_error(self, exc: BaseException) -> StorageAccessError | None:
+        """A one-line :class:`StorageAccessError` for a failure the user must fix, else ``None``."""
+        if self.is_local or isinstance(exc, StorageAccessError):
+            return None
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        code = _error_code(exc)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if code == "NoSuchBucket":
+            return StorageAccessError(f"{self.url}: bucket {self._bucket()!r} does not exist{where}")
+        if isinstance(exc, PermissionError) or code in {
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "InvalidToken",
+            "ExpiredToken",
+            "Forbidden",
+            "403",
+        }:
+            return StorageAccessError(
+                f"{self.url}: access denied by the object store{where} ({detail}); check the credentials "
+                "(storage_options key/secret, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            )
+        if type(exc).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:
+            return StorageAccessError(
+                f"{self.url}: no credentials for the object store ({detail}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or pass storage_options"
+            )
+        if _is_connection_error(exc):
+            return StorageAccessError(f"{self.url}: cannot reach the object store{where} ({detail})")
+        return None
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            clear = self.storage_error(exc)
+            if clear is None:
+                raise
+            raise clear from exc
+
+    def check_access(self, *, write: bool = False) -> None:
+        """Fail early, with a :class:`StorageAccessError`, when the atlas cannot be read (or written).
+
+        One listing request (plus a probe object written and removed when ``write``); a local
+        folder is created when ``write``.
+        """
+        if self.is_local:
+            if write:
+                os.makedirs(self.url, exist_ok=True)
+                if not os.access(self.url, os.W_OK):
+                    raise PermissionError(f"{self.url}: folder is not writable")
+            return
+        with self._translated():
+            self.fs.ls(self._bucket(), detail=False, refresh=True)
+            if write:
+                probe = self.path(f"catalog/.write-probe-{uuid.uuid4().hex[:8]}")
+                self.fs.pipe_file(probe, b"")
+                self.fs.rm_file(probe)
+
     def zarr_store(self, rel: str, *, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(
+        store = zarr.storage.FsspecStore.from_url(
             self.full_url(rel), storage_options=self.storage_options, read_only=read_only
         )
+        _bounded(store.fs)
+        return store
 
     # -- small files -----------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        with self._translated():
+            return self.fs.exists(self.path(rel))
 
     def write_bytes(self, rel: str, payload: bytes) -> None:
         """Write a whole object; on local disk through a temporary name and an atomic rename."""
@@ -87,12 +241,15 @@ class AtlasLocation:
                 fh.write(payload)
             os.replace(tmp, target)
         else:
-            with self.fs.open(target, "wb") as fh:
-                fh.write(payload)
+            with self._translated():
+                self.fs.pipe_file(target, payload)  # one PUT
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.path(rel), "rb") as fh:
-            return fh.read()
+        if self.is_local:
+            with open(self.path(rel), "rb") as fh:
+                return fh.read()
+        with self._translated():
+            return self.fs.cat_file(self.path(rel))  # one GET
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
@@ -110,16 +267,21 @@ class AtlasLocation:
 
     def list(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty if it does not exist."""
-        try:
-            entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
+        with self._translated():
+            try:
+                entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
+            except FileNotFoundError as exc:
+                if _error_code(exc) == "NoSuchBucket":
+                    raise
+                return []
         return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
 
     def remove(self, rel: str) -> None:
         target = self.path(rel)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+        with self._translated():
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
 
     def size(self, rel: str) -> int:
-        return int(self.fs.du(self.path(rel)))
+        with self._translated():
+            return int(self.fs.du(self.path(rel)))

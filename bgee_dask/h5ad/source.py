@@ -238,7 +238,7 @@ class H5adSource:
             self.species = check_identifier("species", str(sp))
         except ValueError as exc:
             raise _fail(self.path, str(exc)) from None
-        obs["experimentId"] = self.experiment_id
+        obs["experimentId"] = pd.Categorical.from_codes(np.zeros(len(obs), dtype=np.int8), [self.experiment_id])
         if "speciesId" not in obs and self.species in SPECIES_TAXON:
             obs["speciesId"] = SPECIES_TAXON[self.species]
         if self.layout == "D":
@@ -257,7 +257,7 @@ class H5adSource:
             except (ValueError, TypeError):
                 raise _fail(self.path, f"obs column {col!r} should hold integers") from None
         ordered = list(CANONICAL_COLUMNS) + [c for c in obs.columns if c not in CANONICAL_COLUMNS]
-        return obs[ordered]
+        return _compact_strings(obs[ordered])
 
     # -- streaming -------------------------------------------------------------------------
     def iter_csr_blocks(
@@ -337,6 +337,27 @@ class H5adSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _compact_strings(obs: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as categoricals (repeated values) or Arrow strings (mostly unique ones).
+
+    Python string objects cost ~70 bytes a cell per column; cell names, barcodes and
+    unique_cell_ids would otherwise make the converter's memory grow with the number of cells.
+    """
+    for col in obs.columns:
+        s = obs[col]
+        if s.dtype != object:
+            continue
+        non_null = s.dropna()
+        if not all(isinstance(v, str) for v in non_null.head(1000)):
+            continue
+        if non_null.nunique() < max(2, len(s) // 2):
+            obs[col] = s.astype("category")
+        else:
+            obs[col] = s.astype("string[pyarrow]")
+    obs.index = obs.index.astype("string[pyarrow]") if obs.index.dtype == object else obs.index
+    return obs
 
 
 def _dense_to_csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -97,8 +97,13 @@ def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np
 
 
 def _compact(frame: pd.DataFrame) -> pd.DataFrame:
-    """Repeated strings become categoricals, as anndata's own writer does for Bgee files."""
-    out = frame.copy()
+    """Repeated strings become categoricals, as anndata's own writer does for Bgee files (in place).
+
+    Other text becomes plain strings, the form every anndata version reads back.
+    """
+    out = frame
+    if not isinstance(out.index.dtype, np.dtype):
+        out.index = out.index.astype(object)
     for col in out.columns:
         s = out[col]
         if isinstance(s.dtype, pd.CategoricalDtype):
@@ -170,12 +175,11 @@ def write_experiment(
     write_indptr_array(x, "indptr", result.indptr, codec)
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
-    obs = obs.copy()
     obs["source_row"] = perm
     obs["total_counts"] = result.total_counts[perm]
     obs["n_genes"] = result.n_genes[perm]
     obs = _compact(obs)
-    var = _compact(source.var)
+    var = _compact(source.var.copy())
     with anndata.settings.override(zarr_write_format=3), warnings.catch_warnings():
         # anndata announces a future default (autosharding) on every element; ours are explicit.
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
