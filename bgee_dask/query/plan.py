@@ -84,33 +84,37 @@ def _candidate_runs(catalog: AtlasCatalog, expr: Expr | None) -> pd.DataFrame:
 
 
 def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Sequence[str] | None):
-    """Output gene ids (and symbols) for the query; unknown names are an error listing them."""
+    """Output gene ids (and symbols) for the query; unknown names are an error listing them.
+
+    Names are looked up as ids first, then as symbols; only the matching rows of the genes table
+    are touched, so asking for ten genes costs ten lookups, not a pass over every symbol.
+    """
     table = catalog.genes
     table = table[table["experiment"].isin(experiments["experiment"])]
+    has_symbols = "gene_symbol" in table
     if genes is None:
-        ids = pd.Index(sorted(table["gene_id"].astype(str).unique()))
+        ids = pd.Index(sorted(table["gene_id"].unique()))
+        named = table
     else:
-        wanted = [str(g) for g in genes]
-        by_id = set(table["gene_id"].astype(str))
-        symbols = table.dropna(subset=["gene_symbol"]) if "gene_symbol" in table else table.iloc[:0]
-        sym_to_ids = symbols.groupby(symbols["gene_symbol"].astype(str))["gene_id"].agg(lambda s: sorted(set(s)))
-        ordered: list[str] = []
-        unknown = []
-        for g in wanted:
-            if g in by_id:
-                ordered.append(g)
-            elif g in sym_to_ids.index:
-                ordered.extend(sym_to_ids[g])
-            else:
-                unknown.append(g)
+        wanted = list(dict.fromkeys(str(g) for g in genes))
+        by_id = set(table.loc[table["gene_id"].isin(wanted), "gene_id"])
+        missing = [g for g in wanted if g not in by_id]
+        sym_to_ids: dict[str, list[str]] = {}
+        if missing and has_symbols:
+            hits = table[table["gene_symbol"].isin(missing)]
+            for sym, group in hits.groupby("gene_symbol"):
+                sym_to_ids[str(sym)] = sorted(set(group["gene_id"]))
+        unknown = [g for g in missing if g not in sym_to_ids]
         if unknown:
             raise KeyError(
                 f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
             )
+        ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
         ids = pd.Index(list(dict.fromkeys(ordered)))
+        named = table[table["gene_id"].isin(ids)]
     symbols_out = None
-    if "gene_symbol" in table and table["gene_symbol"].notna().any():
-        first = table.dropna(subset=["gene_symbol"]).drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
+    if has_symbols and named["gene_symbol"].notna().any():
+        first = named.dropna(subset=["gene_symbol"]).drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
         symbols_out = first.reindex(ids).astype(object).to_numpy()
     return ids, symbols_out
 
@@ -123,18 +127,23 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
     gene_ids, gene_symbols = resolve_genes(catalog, experiments if len(experiments) else exps, genes)
     position = pd.Series(np.arange(len(gene_ids)), index=gene_ids)
     gene_table = catalog.genes
+    if genes is not None:  # only the requested genes' rows matter below
+        gene_table = gene_table[gene_table["gene_id"].isin(gene_ids)]
+    genes_by_exp = dict(iter(gene_table.groupby("experiment", sort=False)))
+    runs_by_exp = dict(iter(runs.groupby("experiment", sort=False, observed=True)))
+    empty_genes = gene_table.iloc[:0]
     gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
     tasks: list[BlockTask] = []
     gene_tasks: dict[int, GeneTask] = {}
     for e, row in experiments.iterrows():
-        g = gene_table[gene_table["experiment"] == row["experiment"]]
+        g = genes_by_exp.get(row["experiment"], empty_genes)
         gmap = np.full(int(row["n_genes"]), -1, dtype=np.int32)
         cols = position.reindex(g["gene_id"].astype(str)).to_numpy()
         hit = ~np.isnan(cols)
         gmap[g["gene_index"].to_numpy()[hit]] = cols[hit].astype(np.int32)
         measured[e, cols[hit].astype(np.int64)] = True
         gene_maps.append(gmap)
-        r = runs[runs["experiment"] == row["experiment"]]
+        r = runs_by_exp[row["experiment"]]
         blocks = np.asarray(row["row_blocks"], dtype=np.int64)
         mine = _block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks)
         tasks.extend(mine)
