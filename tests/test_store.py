@@ -300,3 +300,41 @@ def test_prefetch_passes_errors_and_stops_with_its_consumer():
     it.close()  # the consumer stops early, as on an error in the conversion
     time.sleep(0.3)
     assert not [t for t in threading.enumerate() if t.name == "bgee-dask-prefetch"]
+
+
+@pytest.mark.parametrize("at_root", [False, True])
+def test_sharded_reader_matches_zarr(tmp_path, at_root):
+    from bgee_dask.store.shard_reader import ShardedArrayReader
+
+    rng = np.random.default_rng(3)
+    values = rng.negative_binomial(1, 0.3, size=10_007).astype(np.float32)
+    root = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="w")
+    if at_root:
+        arr = zarr.create_array(
+            zarr.storage.LocalStore(tmp_path / "a.zarr"),
+            shape=values.shape,
+            dtype=np.float32,
+            chunks=(256,),
+            shards=(1024,),
+            compressors=DEFAULT_CODEC.zarr_codec(np.dtype("f4")),
+            fill_value=0,
+        )
+    else:
+        arr = root.create_array(
+            "v",
+            shape=values.shape,
+            dtype=np.float32,
+            chunks=(256,),
+            shards=(1024,),
+            compressors=DEFAULT_CODEC.zarr_codec(np.dtype("f4")),
+            fill_value=0,
+        )
+    w = ShardWriter(arr, DEFAULT_CODEC)
+    w.append(values)
+    w.close()
+    reader = ShardedArrayReader(arr)
+    for _ in range(50):
+        a = int(rng.integers(0, values.size))
+        b = int(rng.integers(a, values.size + 1))
+        np.testing.assert_array_equal(reader.read(a, b), arr[a:b])
+    np.testing.assert_array_equal(reader.read(0, values.size), values)

@@ -47,7 +47,8 @@ class ShardedArrayReader:
         self.bytes_read = 0
 
     def _key(self, shard: int) -> str:
-        return f"{self._prefix}/{self._meta.encode_chunk_key((shard,))}"
+        chunk_key = self._meta.encode_chunk_key((shard,))
+        return f"{self._prefix}/{chunk_key}" if self._prefix else chunk_key  # an array at the store root
 
     def _get(self, key: str, byte_range) -> bytes | None:
         buf = sync(self._store.get(key, default_buffer_prototype(), byte_range=byte_range))
@@ -90,11 +91,18 @@ class ShardedArrayReader:
             base = int(entries[:, 0].min())
             end = int((entries[:, 0] + entries[:, 1]).max())
             blob = self._get(self._key(shard), RangeByteRequest(base, end)) or b""
+        view = memoryview(blob)
         for i, c in enumerate(range(c0, c1 + 1)):
             lo, hi = max(start, c * self.chunk), min(stop, (c + 1) * self.chunk)
-            if present:
-                off, n = int(entries[i, 0]) - base, int(entries[i, 1])
-                values = np.frombuffer(self._codec.decode(blob[off : off + n]), dtype=self.dtype)
+            target = out[lo - start : hi - start]
+            if not present:
+                target[:] = self.fill
+                continue
+            off, n = int(entries[i, 0]) - base, int(entries[i, 1])
+            if hi - lo == self.chunk:
+                # a whole chunk: decode straight into the result, no temporary (allocations are
+                # costly in dask workers, which run with a low malloc trim threshold)
+                self._codec.decode(view[off : off + n], out=target)
             else:
-                values = np.full(self.chunk, self.fill, dtype=self.dtype)
-            out[lo - start : hi - start] = values[lo - c * self.chunk : hi - c * self.chunk]
+                values = np.frombuffer(self._codec.decode(view[off : off + n]), dtype=self.dtype)
+                target[:] = values[lo - c * self.chunk : hi - c * self.chunk]
