@@ -1,0 +1,841 @@
+"""Conversion benchmark: bgee-dask vs. anndata vs. the codec floor, and peak memory vs. input size.
+
+One command runs everything side by side on the same gzip-compressed, Bgee-like H5AD files made
+by ``bgee_dask.synthetic`` (cached under ``--out``, so re-runs do not regenerate them)::
+
+    python benchmarks/bench_convert.py --out bench-out/convert [--quick]
+
+Part 1, throughput over several files. Every contender runs in a fresh subprocess (the whole
+process is timed: interpreter start, imports, cluster start, work), once untimed on one file as a warm-up,
+then ``--repeats`` times, interleaved round-robin so machine noise hits all alike:
+
+* ``bgee-dask``: ``bgee_dask.convert(files, out, progress=False)`` (default: a local cluster with
+  one worker process per core, one file per task, gene-major copy included); also with
+  ``gene_index=False`` (one copy of the values, like anndata) and ``workers=1`` (in-process, threads);
+* ``anndata``: ``anndata.read_h5ad(f)`` then ``adata.write_zarr(...)`` for each file, with
+  ``anndata.settings.zarr_write_format = 3``, over ``multiprocessing.Pool(<cores>)`` and in one
+  process; plus anndata's default zarr format (v2) over the pool;
+* ``floor``: only decoding the source arrays (X/data, X/indices, X/indptr: raw HDF5 chunks via
+  ``read_direct_chunk`` + ``zlib.decompress``) and encoding them with the store's codec (Blosc
+  zstd clevel=1 bitshuffle, 2**17-element pieces), nothing else; over a process pool (one file per
+  process) and over a thread pool (zlib and blosc release the GIL); the faster is the floor.
+
+Part 2, peak memory of converting one file: ``bgee_dask.convert([f], out, workers=1)`` in a fresh
+subprocess for files of growing size; peak RSS is sampled over the process tree every 0.1 s
+with psutil and also taken from the kernel (``ru_maxrss`` of that child, from ``os.wait4``). The
+anndata read+write of the smallest file is measured the same way for contrast. A 1M-cell file is
+tried only when the 300k timings say it fits in ``--budget-min`` and the disk has room.
+
+Children import a copy of ``bgee_dask`` taken at start (``<out>/pkg-snapshot/<fingerprint>``, first on
+``PYTHONPATH``), because the package is edited while benchmarks run; ``--no-snapshot`` measures the live one.
+
+Results go to ``<out>/results.json`` and ``<out>/results.md``; the table is printed at the end
+(``--report-only`` re-renders it from the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+RESULT_TAG = "BENCH_RESULT "
+PIECE = 1 << 17  # elements per encoded piece, as the store's inner chunks (layout.VALUES_CHUNK)
+
+FULL = {
+    "n_files": 8,
+    "cells_per_file": 25_000,
+    "memory_sizes": [100_000, 300_000],
+    "big_size": 1_000_000,
+}
+QUICK = {
+    "n_files": 4,
+    "cells_per_file": 3_000,
+    "memory_sizes": [10_000, 30_000],
+    "big_size": None,
+}
+GEN = {"mean_detected_genes": 1500, "n_genes_universe": 30_000, "compression": "gzip", "compression_level": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: each contender runs in its own process and prints one JSON line.
+# ---------------------------------------------------------------------------------------------
+
+
+def _anndata_one(job: tuple[str, str, int | None]) -> float:
+    import anndata
+
+    src, dst, fmt = job
+    t0 = time.perf_counter()
+    if fmt is not None:
+        anndata.settings.zarr_write_format = fmt
+    adata = anndata.read_h5ad(src)
+    adata.write_zarr(dst)
+    return time.perf_counter() - t0
+
+
+def _decode_dataset(ds, executor) -> Any:
+    """The whole 1-D dataset from its raw deflate chunks, decoded on ``executor`` (or inline)."""
+    import zlib
+
+    import numpy as np
+
+    n, chunk, isz = int(ds.shape[0]), int(ds.chunks[0]), ds.dtype.itemsize
+    out = np.empty(n, dtype=ds.dtype)
+    raw_view = out.view(np.uint8)
+    raws = [ds.id.read_direct_chunk((off,)) for off in range(0, n, chunk)]  # h5py's lock: main thread
+
+    def decode(i: int) -> int:
+        mask, raw = raws[i]
+        buf = raw if mask & 1 else zlib.decompress(raw)  # bit 0: deflate skipped for this chunk
+        lo = i * chunk * isz
+        k = min(len(buf), n * isz - lo)
+        raw_view[lo : lo + k] = np.frombuffer(buf, dtype=np.uint8, count=k)
+        return k
+
+    done = sum(executor.map(decode, range(len(raws)))) if executor else sum(map(decode, range(len(raws))))
+    assert done == n * isz, (ds.name, done, n * isz)
+    return out
+
+
+def _floor_file(path: str, executor=None) -> dict[str, int]:
+    import h5py
+    import numcodecs
+    from numcodecs import Blosc
+
+    numcodecs.blosc.use_threads = False  # parallelism comes from our pool, as in the converter
+    codec = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
+    stats = {"decoded_bytes": 0, "encoded_bytes": 0}
+    with h5py.File(path, "r") as f:
+        for name in ("X/data", "X/indices", "X/indptr"):
+            ds = f[name]
+            filters = ds.id.get_create_plist()
+            assert filters.get_nfilters() == 1 and filters.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE, name
+            values = _decode_dataset(ds, executor)
+            pieces = [values[i : i + PIECE] for i in range(0, values.size, PIECE)]
+            encoded = list(executor.map(codec.encode, pieces)) if executor else [codec.encode(p) for p in pieces]
+            stats["decoded_bytes"] += values.nbytes
+            stats["encoded_bytes"] += sum(len(b) for b in encoded)
+    return stats
+
+
+def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    import resource
+    import warnings
+
+    warnings.simplefilter("ignore")  # zarr's autosharding and consolidated-metadata notes, in every writer
+    out: dict[str, Any] = {}
+    # Imports of the libraries each tool needs happen before t_work, so that "work" excludes them;
+    # "startup" is everything from process creation to t_work.
+    if kind == "bgee":
+        import bgee_dask
+        import bgee_dask.atlas.convert  # h5py, anndata, zarr, pandas, numba kernels
+
+        t_work = time.perf_counter()
+        kw = {k: args[k] for k in ("workers", "gene_index") if args.get(k) is not None}
+        reports = bgee_dask.convert(args["files"], args["out"], progress=False, **kw)
+        bad = [r.line() for r in reports if r.status != "converted"]
+        if bad:
+            raise RuntimeError(f"bgee-dask did not convert everything: {bad}")
+        out["file_seconds"] = [round(r.seconds, 3) for r in reports]
+        out["bgee_dask_file"] = bgee_dask.__file__
+        out["store_bytes"] = sum(r.bytes or 0 for r in reports)
+    elif kind == "anndata":
+        import anndata  # noqa: F401  (inherited by the forked pool workers)
+
+        t_work = time.perf_counter()
+        os.makedirs(args["out"], exist_ok=True)
+        jobs = [(f, os.path.join(args["out"], Path(f).stem + ".zarr"), args["zarr_format"]) for f in args["files"]]
+        if args["processes"] > 1:
+            with get_context("fork").Pool(args["processes"]) as pool:
+                secs = list(pool.imap_unordered(_anndata_one, jobs, chunksize=1))
+        else:
+            secs = [_anndata_one(j) for j in jobs]
+        out["file_seconds"] = [round(s, 3) for s in secs]
+    elif kind == "floor":
+        import h5py  # noqa: F401
+        import numcodecs  # noqa: F401
+
+        t_work = time.perf_counter()
+        if args["mode"] == "processes":
+            with get_context("fork").Pool(args["workers"]) as pool:
+                stats = list(pool.imap_unordered(_floor_file, args["files"], chunksize=1))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(args["workers"]) as ex:
+                stats = [_floor_file(f, ex) for f in args["files"]]
+        out["decoded_bytes"] = sum(s["decoded_bytes"] for s in stats)
+        out["encoded_bytes"] = sum(s["encoded_bytes"] for s in stats)
+    else:
+        raise ValueError(kind)
+    t_end = time.perf_counter()
+    out["work_s"] = t_end - t_work
+    out["startup_s"] = (time.time() - (t_end - t_work)) - args["launched_at"]
+    out["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["children_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: running children, sampling memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def run_child(kind: str, args: dict[str, Any], log_path: Path, timeout: float = 3600) -> dict[str, Any]:
+    """Run one contender in a fresh interpreter; wall time, sampled tree RSS and kernel ru_maxrss."""
+    import psutil
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as err, open(log_path.with_suffix(".out"), "w+") as outf:
+        args = {**args, "launched_at": time.time()}
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--args", json.dumps(args)]
+        t0 = time.perf_counter()
+        env = dict(os.environ)
+        if _SNAPSHOT is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SNAPSHOT), env.get("PYTHONPATH")]))
+        popen = subprocess.Popen(cmd, stdout=outf, stderr=err, env=env)
+        ps = psutil.Process(popen.pid)
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _tree_rss(ps))
+                stop.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        timer = threading.Timer(timeout, popen.kill)
+        timer.start()
+        try:
+            # wait4 instead of Popen.wait: it returns this child's own rusage (RUSAGE_CHILDREN is a
+            # running maximum over every child this process ever reaped).
+            _, status, usage = os.wait4(popen.pid, 0)
+        finally:
+            timer.cancel()
+            stop.set()
+            sampler.join()
+        wall = time.perf_counter() - t0
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        outf.seek(0)
+        lines = [ln for ln in outf.read().splitlines() if ln.startswith(RESULT_TAG)]
+    if popen.returncode != 0 or not lines:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{kind} failed (exit {popen.returncode}); log {log_path}:\n{tail}")
+    res = json.loads(lines[-1][len(RESULT_TAG) :])
+    if _SNAPSHOT is not None and "bgee_dask_file" in res and not res["bgee_dask_file"].startswith(str(_SNAPSHOT)):
+        raise RuntimeError(f"child imported {res['bgee_dask_file']}, not the snapshot in {_SNAPSHOT}")
+    res.update(
+        wall_s=wall,
+        peak_tree_rss_mb=peak / 2**20,
+        wait4_maxrss_mb=usage.ru_maxrss / 1024,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,
+    )
+    return res
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def _rm(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+#: PYTHONPATH entry that makes children import a frozen copy of the package (see _snapshot_package).
+_SNAPSHOT: Path | None = None
+
+
+def _live_package() -> Path:
+    import bgee_dask
+
+    return Path(bgee_dask.__file__).parent
+
+
+def _package_fingerprint(root: Path | None = None) -> str:
+    """sha256 over the package's .py files: other people edit the package while benchmarks run."""
+    import hashlib
+
+    root = root or _live_package()
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _snapshot_package(out: Path) -> tuple[Path, str]:
+    """Copy the package's source under ``out`` so that every child runs the same code.
+
+    The repository is edited while the benchmark runs; without a frozen copy, contenders started
+    minutes apart would measure different versions of the converter.
+    """
+    tmp = out / "pkg-snapshot" / f"tmp-{os.getpid()}"
+    _rm(tmp)
+    shutil.copytree(_live_package(), tmp / "bgee_dask", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    fp = _package_fingerprint(tmp / "bgee_dask")
+    final = out / "pkg-snapshot" / fp
+    if final.exists():
+        _rm(tmp)
+    else:
+        os.replace(tmp, final)
+    return final, fp
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (cached)
+# ---------------------------------------------------------------------------------------------
+
+
+def _gen_one(kwargs: dict[str, Any]) -> tuple[str, float]:
+    from bgee_dask.synthetic import generate_experiment
+
+    t0 = time.perf_counter()
+    path = generate_experiment(**kwargs)
+    return str(path), time.perf_counter() - t0
+
+
+def ensure_sources(root: Path, name: str, jobs: list[dict[str, Any]], processes: int) -> dict[str, Any]:
+    """Generate the files described by ``jobs`` under ``root/name`` unless a matching manifest exists."""
+    folder = root / name
+    manifest_path = folder / "manifest.json"
+    spec = [{k: v for k, v in j.items() if k != "path"} for j in jobs]
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["jobs"] == spec and all(os.path.exists(p) for p in manifest["files"]):
+            manifest["cached"] = True
+            return manifest
+    _rm(folder)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    full = [{**j, "path": str(folder)} for j in jobs]
+    if processes > 1 and len(full) > 1:
+        with ProcessPoolExecutor(min(processes, len(full)), mp_context=get_context("spawn")) as ex:
+            done = list(ex.map(_gen_one, full))
+    else:
+        done = [_gen_one(j) for j in full]
+    manifest = {
+        "jobs": spec,
+        "files": [p for p, _ in done],
+        "gen_seconds": [s for _, s in done],
+        "gen_wall_s": time.perf_counter() - t0,
+        "n_cells": [j["n_cells"] for j in jobs],
+        "bytes": [os.path.getsize(p) for p, _ in done],
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    manifest["cached"] = False
+    return manifest
+
+
+def _nnz(path: str) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["X/data"].shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def _throughput_contenders(files: list[str], work: Path, cores: int) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        ("bgee-dask convert (default: local cluster)", "bgee", {"files": files, "out": str(work / "bgee")}),
+        (
+            "bgee-dask convert gene_index=False (local cluster)",
+            "bgee",
+            {"files": files, "out": str(work / "bgee-nogi"), "gene_index": False},
+        ),
+        (
+            "bgee-dask convert workers=1 (threads)",
+            "bgee",
+            {"files": files, "out": str(work / "bgee1"), "workers": 1},
+        ),
+        (
+            f"anndata read_h5ad+write_zarr v3, Pool({cores})",
+            "anndata",
+            {"files": files, "out": str(work / "ad3p"), "processes": cores, "zarr_format": 3},
+        ),
+        (
+            "anndata read_h5ad+write_zarr v3, 1 process",
+            "anndata",
+            {"files": files, "out": str(work / "ad3s"), "processes": 1, "zarr_format": 3},
+        ),
+        (
+            f"anndata read_h5ad+write_zarr default (v2), Pool({cores})",
+            "anndata",
+            {"files": files, "out": str(work / "ad2p"), "processes": cores, "zarr_format": None},
+        ),
+        (
+            f"floor: gzip decode + blosc encode, process Pool({cores})",
+            "floor",
+            {"files": files, "mode": "processes", "workers": cores},
+        ),
+        (
+            f"floor: gzip decode + blosc encode, {cores} threads",
+            "floor",
+            {"files": files, "mode": "threads", "workers": cores},
+        ),
+    ]
+
+
+def _summarise(runs: list[dict[str, Any]], n_cells: int) -> dict[str, Any]:
+    wall = [r["wall_s"] for r in runs]
+    work = [r["work_s"] for r in runs]
+    med = statistics.median(wall)
+    return {
+        "runs": len(runs),
+        "wall_s_median": med,
+        "wall_s_min": min(wall),
+        "wall_s_max": max(wall),
+        "work_s_median": statistics.median(work),
+        "startup_s_median": statistics.median(r["startup_s"] for r in runs),
+        "cells_per_s": n_cells / med,
+        "cpu_s_median": statistics.median(r["user_s"] + r["sys_s"] for r in runs),
+        "peak_tree_rss_mb_median": statistics.median(r["peak_tree_rss_mb"] for r in runs),
+        "output_bytes": runs[-1].get("output_bytes"),
+    }
+
+
+def part_throughput(cfg: dict[str, Any], out: Path, repeats: int, cores: int, log) -> dict[str, Any]:
+    jobs = [
+        dict(
+            n_cells=cfg["cells_per_file"],
+            species=("Homo_sapiens", "Mus_musculus")[i % 2],
+            experiment_id=f"SRPS{i + 1:05d}",
+            seed=1000 + i,
+            threads=1,
+            **GEN,
+        )
+        for i in range(cfg["n_files"])
+    ]
+    log(f"[part 1] sources: {cfg['n_files']} files x {cfg['cells_per_file']} cells")
+    manifest = ensure_sources(out / "sources", f"throughput-{cfg['n_files']}x{cfg['cells_per_file']}", jobs, cores)
+    files = manifest["files"]
+    n_cells = sum(manifest["n_cells"])
+    nnz = sum(_nnz(f) for f in files)
+    state = "cached" if manifest["cached"] else f"generated in {manifest['gen_wall_s']:.0f}s"
+    log(f"[part 1] {state}: {n_cells} cells, {nnz / 1e6:.1f}M values, {sum(manifest['bytes']) / 1e6:.0f} MB gzip")
+    work = out / "work"
+    contenders = _throughput_contenders(files, work, cores)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in contenders}
+    for rep in range(repeats + 1):
+        for i, (label, kind, all_args) in enumerate(contenders):
+            # rep 0 is an untimed warm-up on one file: numba's on-disk cache, page cache, .pyc files
+            args = {**all_args, "files": files[:1]} if rep == 0 else all_args
+            _rm(work)
+            res = run_child(kind, args, out / "logs" / f"p1-{i}-rep{rep}.log")
+            res["output_bytes"] = _du(Path(args["out"])) if "out" in args else res.get("encoded_bytes")
+            _rm(work)
+            tag = "warm-up" if rep == 0 else f"rep {rep}/{repeats}"
+            log(f"  {tag:>9}  {label:<58} {res['wall_s']:7.2f} s  (work {res['work_s']:6.2f} s)")
+            if rep:
+                runs[label].append(res)
+    summary = {label: _summarise(r, n_cells) for label, r in runs.items()}
+    labels = [c[0] for c in contenders]
+    bgee, nogi, bgee1, ad3p, ad3s, ad2p, flp, flt = labels
+    floor_label = flp if summary[flp]["wall_s_median"] <= summary[flt]["wall_s_median"] else flt
+
+    def ratio(a: str, b: str, key: str = "wall_s_median") -> float:
+        return summary[a][key] / summary[b][key]
+
+    ratios = {
+        "floor_contender": floor_label,
+        "anndata_v3_pool_over_bgee": ratio(ad3p, bgee),
+        "anndata_v3_single_over_bgee": ratio(ad3s, bgee),
+        "anndata_v2_pool_over_bgee": ratio(ad2p, bgee),
+        "bgee_over_floor": ratio(bgee, floor_label),
+        "bgee_workers1_over_floor": ratio(bgee1, floor_label),
+        "anndata_v3_pool_over_bgee_no_gene_index": ratio(ad3p, nogi),
+        "bgee_no_gene_index_over_floor": ratio(nogi, floor_label),
+        "work_only": {
+            "anndata_v3_pool_over_bgee": ratio(ad3p, bgee, "work_s_median"),
+            "anndata_v3_single_over_bgee": ratio(ad3s, bgee, "work_s_median"),
+            "bgee_over_floor": ratio(bgee, floor_label, "work_s_median"),
+        },
+    }
+    return {
+        "files": files,
+        "n_files": len(files),
+        "n_cells": n_cells,
+        "nnz": nnz,
+        "source_bytes": sum(manifest["bytes"]),
+        "generation": {"cached": manifest["cached"], "gen_wall_s": manifest["gen_wall_s"]},
+        "contenders": labels,
+        "summary": summary,
+        "ratios": ratios,
+        "runs": runs,
+    }
+
+
+def _memory_job(n: int) -> dict[str, Any]:
+    return dict(n_cells=n, species="Homo_sapiens", experiment_id="SRPS90001", seed=77, threads=1, **GEN)
+
+
+def part_memory(cfg: dict[str, Any], out: Path, cores: int, budget_s: float, t_begin: float, big: str, log):
+    sizes = list(cfg["memory_sizes"])
+    log(f"[part 2] sources: one file each of {sizes} cells")
+    # Each size is its own cached folder; the first ones are generated in parallel.
+    manifests: dict[int, dict[str, Any]] = {}
+    todo = [n for n in sizes if not _cached(out, n)]
+    if len(todo) > 1:
+        with ProcessPoolExecutor(min(cores, len(todo)), mp_context=get_context("spawn")) as ex:
+            for n, m in zip(todo, ex.map(_ensure_memory_source, [(str(out), n) for n in todo]), strict=True):
+                manifests[n] = m
+    for n in sizes:
+        if n not in manifests:
+            manifests[n] = _ensure_memory_source((str(out), n))
+        m = manifests[n]
+        state = "cached" if m["cached"] else f"generated in {m['gen_seconds'][0]:.0f}s"
+        log(f"  {n:>9} cells: {m['bytes'][0] / 1e6:.0f} MB gzip ({state})")
+
+    rows: list[dict[str, Any]] = []
+
+    def measure(n: int, m: dict[str, Any]) -> None:
+        f = m["files"][0]
+        nnz = _nnz(f)
+        variants = ((None, "bgee-dask convert workers=1"), (False, "bgee-dask workers=1 gene_index=False"))
+        for gene_index, tool in variants:
+            args = {"files": [f], "out": str(out / "work" / "mem"), "workers": 1, "gene_index": gene_index}
+            res = run_child("bgee", args, out / "logs" / f"p2-bgee-{n}-{gene_index}.log")
+            res["output_bytes"] = _du(out / "work" / "mem")
+            _rm(out / "work")
+            rows.append(_memory_row(tool, n, nnz, m, res))
+            log(
+                f"  {tool:<38} {n:>9} cells: peak {res['peak_tree_rss_mb']:.0f} MB "
+                f"(ru_maxrss {res['wait4_maxrss_mb']:.0f}), {res['wall_s']:.1f} s"
+            )
+
+    for n in sizes:
+        measure(n, manifests[n])
+    first = sizes[0]
+    f = manifests[first]["files"][0]
+    res = run_child(
+        "anndata",
+        {"files": [f], "out": str(out / "work" / "ad"), "processes": 1, "zarr_format": 3},
+        out / "logs" / f"p2-anndata-{first}.log",
+    )
+    _rm(out / "work")
+    rows.append(_memory_row("anndata read_h5ad+write_zarr v3", first, _nnz(f), manifests[first], res))
+    log(f"  {'anndata':<38} {first:>9} cells: peak {res['peak_tree_rss_mb']:.0f} MB, {res['wall_s']:.1f} s")
+
+    big_note = None
+    n_big = cfg.get("big_size")
+    if n_big and big != "no":
+        last = sizes[-1]
+        m_last = manifests[last]
+        conv_last = sum(r["wall_s"] for r in rows if r["n_cells"] == last and not r["tool"].startswith("anndata"))
+        scale = n_big / last
+        gen_est = 0.0 if _cached(out, n_big) else m_last["gen_seconds"][0] * scale
+        est = gen_est + conv_last * scale
+        elapsed = time.perf_counter() - t_begin
+        # source + store + spill (8 bytes per value, uncompressed) + margin
+        disk_need = m_last["bytes"][0] * scale * 1.8 + _nnz(m_last["files"][0]) * scale * 8 * 1.2
+        disk_free = shutil.disk_usage(out).free
+        fits_time = elapsed + est * 1.15 < budget_s
+        fits_disk = disk_free > disk_need
+        big_note = (
+            f"1M-cell file: estimated {est / 60:.1f} min (generation {gen_est / 60:.1f} + conversion "
+            f"{conv_last * scale / 60:.1f}) after {elapsed / 60:.1f} min elapsed, budget {budget_s / 60:.0f} min; "
+            f"disk needs ~{disk_need / 1e9:.1f} GB, {disk_free / 1e9:.1f} GB free"
+        )
+        if big == "yes" or (fits_time and fits_disk):
+            log(f"[part 2] trying {big_note}")
+            m = _ensure_memory_source((str(out), n_big))
+            log(f"  {n_big:>9} cells: {m['bytes'][0] / 1e6:.0f} MB gzip (generated in {m['gen_wall_s']:.0f}s)")
+            measure(n_big, m)
+            big_note = "ran: " + big_note
+        else:
+            big_note = "skipped: " + big_note
+            log(f"[part 2] {big_note}")
+    return {"rows": rows, "big_size_note": big_note}
+
+
+def _cached(out: Path, n: int) -> bool:
+    manifest_path = out / "sources" / f"memory-{n}" / "manifest.json"
+    if not manifest_path.exists():
+        return False
+    m = json.loads(manifest_path.read_text())
+    return all(os.path.exists(p) for p in m["files"])
+
+
+def _ensure_memory_source(arg: tuple[str, int]) -> dict[str, Any]:
+    out, n = arg
+    return ensure_sources(Path(out) / "sources", f"memory-{n}", [_memory_job(n)], 1)
+
+
+def _memory_row(tool: str, n: int, nnz: int, m: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tool": tool,
+        "n_cells": n,
+        "nnz": nnz,
+        "source_mb": m["bytes"][0] / 1e6,
+        "uncompressed_x_mb": nnz * 8 / 1e6,
+        "wall_s": res["wall_s"],
+        "work_s": res["work_s"],
+        "peak_tree_rss_mb": res["peak_tree_rss_mb"],
+        "wait4_maxrss_mb": res["wait4_maxrss_mb"],
+        "child_self_maxrss_mb": res["self_maxrss_mb"],
+        "output_bytes": res.get("output_bytes"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# Conversion benchmark ({meta['date']}, {'quick' if meta['quick'] else 'full'} configuration)",
+        "",
+        f"Machine: {meta['cores']} cores, {meta['ram_gb']:.0f} GB RAM, {meta['platform']}, Python {meta['python']}; "
+        f"shared with other engineers' test runs, so timings are noisy. Load average at start: {meta['loadavg_start']}"
+        f", at end: {meta.get('loadavg_end')}. Figures are medians of {meta['repeats']} runs, each in a fresh "
+        "process (whole-process wall time: interpreter start, imports, cluster start, work), after one untimed "
+        "warm-up on one file; sources in the page cache.",
+        "",
+        f"anndata {meta['anndata']} (default `zarr_write_format` = {meta['anndata_default_zarr_write_format']}), "
+        f"zarr {meta['zarr']}; `bgee_dask.convert` defaults {meta['bgee_dask_convert_defaults']}. "
+        + (
+            f"bgee-dask measured from a copy of its source taken at start (fingerprint "
+            f"{meta['bgee_dask_measured_fingerprint']}), so every run measured the same code"
+            if meta.get("bgee_dask_snapshot")
+            else f"bgee-dask measured live (fingerprint {meta['bgee_dask_measured_fingerprint']})"
+        )
+        + (
+            f"; the repository's package changed during the run (-> {meta['bgee_dask_source_sha256_end']})"
+            + ("" if meta.get("bgee_dask_snapshot") else ": **runs may have measured different code**")
+            if meta.get("package_changed_during_run")
+            else "; the repository's package did not change during the run"
+        )
+        + ".",
+        "",
+    ]
+    tp = results.get("throughput")
+    if tp:
+        lines += [
+            f"## Throughput: {tp['n_files']} files, {tp['n_cells']:,} cells, {tp['nnz'] / 1e6:.0f}M values, "
+            f"{tp['source_bytes'] / 1e6:.0f} MB gzip H5AD",
+            "",
+            "| contender | median wall s (min-max) | cells/s | work s | startup s | CPU s | peak RSS (tree) MB |"
+            " output MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for label in tp["contenders"]:
+            s = tp["summary"][label]
+            out_mb = f"{s['output_bytes'] / 1e6:.0f}" if s.get("output_bytes") else "-"
+            lines.append(
+                f"| {label} | {s['wall_s_median']:.2f} ({s['wall_s_min']:.2f}-{s['wall_s_max']:.2f}) | "
+                f"{s['cells_per_s']:,.0f} | {s['work_s_median']:.2f} | {s['startup_s_median']:.2f} | "
+                f"{s['cpu_s_median']:.1f} | {s['peak_tree_rss_mb_median']:.0f} | {out_mb} |"
+            )
+        r = tp["ratios"]
+        w = r["work_only"]
+        bgee_l, nogi_l, _, ad3p_l = tp["contenders"][:4]
+
+        def s_cpu(label: str) -> float:
+            return tp["summary"][label]["cpu_s_median"]
+
+        ok3 = "met" if r["anndata_v3_pool_over_bgee"] >= 3 else "NOT met"
+        ok13 = "met" if r["bgee_over_floor"] <= 1.3 else "NOT met"
+        lines += [
+            "",
+            f"* anndata v3 Pool / bgee-dask: **{r['anndata_v3_pool_over_bgee']:.2f}x** (target >= 3: {ok3}); "
+            f"anndata v3 single process / bgee-dask: {r['anndata_v3_single_over_bgee']:.2f}x; "
+            f"anndata default (v2) Pool / bgee-dask: {r['anndata_v2_pool_over_bgee']:.2f}x.",
+            f"* bgee-dask / floor: **{r['bgee_over_floor']:.2f}** (target <= 1.3: {ok13}); "
+            f"floor = {r['floor_contender']}; bgee-dask workers=1 / floor: {r['bgee_workers1_over_floor']:.2f}.",
+            f"* Without the gene-major copy (gene_index=False): anndata v3 Pool / bgee-dask "
+            f"{r['anndata_v3_pool_over_bgee_no_gene_index']:.2f}x, bgee-dask / floor "
+            f"{r['bgee_no_gene_index_over_floor']:.2f}.",
+            f"* CPU seconds (user+sys of the whole process tree; less sensitive to other users' load): bgee-dask "
+            f"{s_cpu(bgee_l):.1f}, gene_index=False {s_cpu(nogi_l):.1f}, anndata v3 Pool {s_cpu(ad3p_l):.1f}, floor "
+            f"{s_cpu(r['floor_contender']):.1f}; bgee-dask / floor {s_cpu(bgee_l) / s_cpu(r['floor_contender']):.2f}, "
+            f"anndata v3 Pool / bgee-dask {s_cpu(ad3p_l) / s_cpu(bgee_l):.2f}x.",
+            f"* Work only (excluding interpreter start and imports): anndata v3 Pool / bgee-dask "
+            f"{w['anndata_v3_pool_over_bgee']:.2f}x, single / bgee-dask {w['anndata_v3_single_over_bgee']:.2f}x, "
+            f"bgee-dask / floor {w['bgee_over_floor']:.2f}.",
+            "",
+        ]
+    mem = results.get("memory")
+    if mem:
+        lines += [
+            "## Peak memory of converting one file",
+            "",
+            "| tool | cells | values | gzip H5AD MB | X uncompressed MB | wall s | peak RSS (psutil, tree) MB |"
+            " ru_maxrss MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in mem["rows"]:
+            lines.append(
+                f"| {row['tool']} | {row['n_cells']:,} | {row['nnz'] / 1e6:.0f}M | {row['source_mb']:.0f} | "
+                f"{row['uncompressed_x_mb']:.0f} | {row['wall_s']:.1f} | {row['peak_tree_rss_mb']:.0f} | "
+                f"{row['wait4_maxrss_mb']:.0f} |"
+            )
+        bgee = [r for r in mem["rows"] if not r["tool"].startswith("anndata")]
+        peak = max((r["peak_tree_rss_mb"] for r in bgee if "gene_index=False" not in r["tool"]), default=0)
+        peak_nogi = max((r["peak_tree_rss_mb"] for r in bgee if "gene_index=False" in r["tool"]), default=0)
+        verdict = "met" if peak <= 1024 else "NOT met"
+        lines += [
+            "",
+            f"* bgee-dask (default) peak RSS at most {peak:.0f} MB (target <= 1024 MB: {verdict}); "
+            f"with gene_index=False at most {peak_nogi:.0f} MB.",
+        ]
+        if mem.get("big_size_note"):
+            lines.append(f"* {mem['big_size_note']}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out/convert"))
+    p.add_argument("--quick", action="store_true", help="tiny inputs, to check that the benchmark works")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--budget-min", type=float, default=35.0, help="time budget deciding whether to try 1M cells")
+    p.add_argument("--one-million", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="run the live package instead of a copy taken at start (edits during the run then leak in)",
+    )
+    p.add_argument("--report-only", action="store_true", help="re-render <out>/results.md from results.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--args", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.child:
+        res = _child(a.child, json.loads(a.args))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    if a.report_only:
+        md = _markdown(json.loads((a.out / "results.json").read_text()))
+        (a.out / "results.md").write_text(md)
+        print(md)
+        return 0
+
+    import psutil
+
+    t_begin = time.perf_counter()
+    cfg = QUICK if a.quick else FULL
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cores = _cpu_count()
+
+    def log(msg: str) -> None:
+        stamp = time.perf_counter() - t_begin
+        print(f"[{stamp / 60:5.1f} min] {msg}", flush=True)
+
+    import inspect
+    from importlib.metadata import version
+
+    import anndata
+
+    import bgee_dask
+
+    global _SNAPSHOT
+    live_fp = _package_fingerprint()
+    if a.no_snapshot:
+        measured_fp = live_fp
+    else:
+        _SNAPSHOT, measured_fp = _snapshot_package(out)
+
+    results: dict[str, Any] = {
+        "meta": {
+            "date": dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+            "quick": a.quick,
+            "cores": cores,
+            "ram_gb": psutil.virtual_memory().total / 2**30,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "repeats": a.repeats,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "anndata": version("anndata"),
+            "zarr": version("zarr"),
+            "bgee_dask_convert_defaults": {
+                k: v.default
+                for k, v in inspect.signature(bgee_dask.convert).parameters.items()
+                if v.default is not inspect.Parameter.empty and k in ("workers", "gene_index", "progress")
+            },
+            "bgee_dask_measured_fingerprint": measured_fp,
+            "bgee_dask_snapshot": str(_SNAPSHOT) if _SNAPSHOT else None,
+            "bgee_dask_source_sha256_start": live_fp,
+            "anndata_default_zarr_write_format": anndata.settings.zarr_write_format,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "config": cfg,
+            "generator": GEN,
+        }
+    }
+    log(
+        f"{cores} cores; anndata {version('anndata')} (default zarr_write_format = "
+        f"{anndata.settings.zarr_write_format}); out {out}"
+    )
+    if not a.skip_throughput:
+        results["throughput"] = part_throughput(cfg, out, a.repeats, cores, log)
+    if not a.skip_memory:
+        results["memory"] = part_memory(cfg, out, cores, a.budget_min * 60, t_begin, a.one_million, log)
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["meta"]["bgee_dask_source_sha256_end"] = _package_fingerprint()
+    results["meta"]["package_changed_during_run"] = (
+        results["meta"]["bgee_dask_source_sha256_end"] != results["meta"]["bgee_dask_source_sha256_start"]
+    )
+    results["meta"]["total_minutes"] = (time.perf_counter() - t_begin) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    md = _markdown(results)
+    (out / "results.md").write_text(md)
+    print()
+    print(md)
+    log(f"done; results in {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
