@@ -143,7 +143,8 @@ def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _check_cluster_args(args: argparse.Namespace) -> None:
     if args.scheduler and args.cluster:
         raise ValueError("choose one of --scheduler and --cluster")
-    batch = [f"--{k.replace('_', '-')}" for k in ("jobs", "jobqueue_config", "interface", "queue", "cores", "walltime")]
+    names = ("jobs", "jobqueue_config", "interface", "queue", "cores", "walltime", "worker_timeout")
+    batch = [f"--{k.replace('_', '-')}" for k in names]
     used = [flag for flag in batch if getattr(args, flag[2:].replace("-", "_")) is not None]
     if used and not args.cluster:
         raise ValueError(f"{', '.join(used)} only apply with --cluster")

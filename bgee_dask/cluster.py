@@ -177,18 +177,28 @@ def client_for(
         timeout = DEFAULT_WORKER_TIMEOUT if worker_timeout is None else worker_timeout
         with dask.config.set(settings):
             jq = make_jobqueue_cluster(cluster, **options)
-            with jq, Client(jq) as client:
-                jq.scale(jobs=jobs or 1)
-                try:
-                    client.wait_for_workers(1, timeout=timeout)
-                except TimeoutError:
-                    logs = getattr(jq, "_dummy_job", None)
-                    where = getattr(logs, "log_directory", None) or "the submission folder"
-                    raise TimeoutError(
-                        f"no {cluster} batch job started a Dask worker within {timeout:.0f} s; check the queue "
-                        f"and the job logs in {where}"
-                    ) from None
-                yield client
+            failure: TimeoutError | None = None
+            try:
+                with Client(jq) as client:
+                    jq.scale(jobs=jobs or 1)
+                    try:
+                        client.wait_for_workers(1, timeout=timeout)
+                    except TimeoutError:
+                        where = getattr(getattr(jq, "_dummy_job", None), "log_directory", None)
+                        failure = TimeoutError(
+                            f"no {cluster} batch job started a Dask worker within {timeout:.0f} s; check the "
+                            f"queue and the job logs ({where or 'in the submission folder'})"
+                        )
+                    if failure is None:
+                        yield client
+            finally:
+                if failure is None:
+                    jq.close()
+                else:  # jobs that never started can make closing complain too: report the cause
+                    with contextlib.suppress(Exception):
+                        jq.close()
+            if failure is not None:
+                raise failure
         return
     from ._runtime import local_client
 

@@ -201,7 +201,7 @@ class AtlasLocation:
     def check_access(self, *, write: bool = False) -> None:
         """Fail early, with a :class:`StorageAccessError`, when the atlas cannot be read (or written).
 
-        One listing request (plus a probe object written and removed when ``write``); a local
+        One listing request, plus with ``write`` a probe object written and removed; a local
         folder is created when ``write``.
         """
         if self.is_local:
@@ -211,8 +211,12 @@ class AtlasLocation:
                     raise PermissionError(f"{self.url}: folder is not writable")
             return
         with self._translated():
-            self.fs.ls(self._bucket(), detail=False, refresh=True)
-            if write:
+            try:
+                self.fs.ls(self.path(), detail=False, refresh=True)
+            except FileNotFoundError as exc:  # no atlas there yet is fine; no bucket is not
+                if _error_code(exc) == "NoSuchBucket":
+                    raise
+            if write:  # some servers (SeaweedFS) create a missing bucket on a PUT: list first
                 probe = self.path(f"catalog/.write-probe-{uuid.uuid4().hex[:8]}")
                 self.fs.pipe_file(probe, b"")
                 self.fs.rm_file(probe)

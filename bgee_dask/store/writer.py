@@ -133,7 +133,7 @@ def write_experiment(
 ) -> WrittenStore:
     """Write ``source`` into an empty ``store`` (and its gene-major copy into ``gene_index_store``)."""
     perm = sort_order(source.obs)
-    obs = source.obs.iloc[perm]
+    obs = source.obs.iloc[perm].copy(deep=False)  # a frame of its own, without copying the data
     out_dtype = source.out_dtype
     nnz_total = source.nnz
     root = zarr.open_group(store, mode="w", zarr_format=3)
