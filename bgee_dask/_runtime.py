@@ -61,3 +61,17 @@ def bound_heap_growth() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def release_free_heap() -> None:
+    """Give the heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Decoding a file leaves thousands of freed chunk-sized buffers in the threads' malloc arenas:
+    about 200 MB of RSS that nothing uses, measured while a 25k-cell matrix is held in memory.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -180,8 +180,9 @@ class _Collect:
         self.began: list[tuple[np.ndarray, np.ndarray]] = []
         self.calls: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def begin(self, dest_indptr, gene_nnz):
+    def begin(self, dest_indptr, gene_nnz, matrix):
         self.began.append((np.array(dest_indptr), np.array(gene_nnz)))
+        self.matrix = matrix
 
     def rows(self, row_start, indptr, indices, data):
         self.calls.append((int(row_start), np.array(indptr), np.array(indices), np.array(data)))
@@ -338,3 +339,53 @@ def test_sharded_reader_matches_zarr(tmp_path, at_root):
         b = int(rng.integers(a, values.size + 1))
         np.testing.assert_array_equal(reader.read(a, b), arr[a:b])
     np.testing.assert_array_equal(reader.read(0, values.size), values)
+
+
+# -- the gene-major copy, built from the matrix in memory and from the spilled row stream -------
+def _shuffled_rows(path: Path, seed: int = 5) -> Path:
+    """The same file with each row's values stored in a random gene order (valid CSR, unsorted)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "r+") as f:
+        indptr, indices, data = f["X/indptr"][:], f["X/indices"][:], f["X/data"][:]
+        for r in range(len(indptr) - 1):
+            a, b = indptr[r], indptr[r + 1]
+            order = rng.permutation(b - a)
+            indices[a:b], data[a:b] = indices[a:b][order], data[a:b][order]
+        f["X/indices"][:] = indices
+        f["X/data"][:] = data
+    return path
+
+
+@pytest.mark.parametrize("unsorted", [False, True])
+@pytest.mark.parametrize("spill", [None, "many-buckets"])
+def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsorted):
+    from bgee_dask.store import gene_index as gi
+
+    monkeypatch.setattr(gi, "GENE_BUCKET_NNZ", 211)  # many gene ranges
+    src = _source_file(tmp_path, "csr")
+    if unsorted:
+        _shuffled_rows(src)
+    if spill is None:
+        monkeypatch.setattr(writer, "stream_sorted", stream_sorted)
+    else:
+        monkeypatch.setattr(writer, "stream_sorted", functools.partial(stream_sorted, **SPILLS[spill]))
+    with H5adSource(src) as source, ThreadPoolExecutor(2) as pool:
+        writer.write_experiment(
+            source,
+            zarr.storage.LocalStore(tmp_path / "e.zarr"),
+            provenance={},
+            executor=pool,
+            gene_index_store=zarr.storage.LocalStore(tmp_path / "e.by_gene.zarr"),
+        )
+    stored = ad.read_zarr(tmp_path / "e.zarr")
+    want = mi.expected_counts(ad.read_h5ad(src))[stored.obs["source_row"].to_numpy()].tocsc()
+    want.sort_indices()
+    index = gi.GeneIndex(zarr.storage.LocalStore(tmp_path / "e.by_gene.zarr", read_only=True))
+    assert index.shape == want.shape
+    genes = np.arange(want.shape[1])
+    indptr, cells, values = index.read_genes(genes)
+    np.testing.assert_array_equal(indptr, want.indptr)
+    np.testing.assert_array_equal(cells, want.indices)  # each gene's cells increasing
+    np.testing.assert_array_equal(values, want.data)

@@ -84,3 +84,44 @@ def order_by_gene(genes, cells, values, gene_start, gene_offsets, out_cells, out
         out_cells[p] = cells[k]
         out_values[p] = values[k]
         pos[j] = p + 1
+
+
+@numba.njit(nogil=True, cache=True)
+def gene_range_of_rows(
+    perm, indptr, indices, data, cursor, g1, gene_pos, g0, out_cells, out_values
+):  # pragma: no cover - jit
+    """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene, rows numbered by position.
+
+    Row indices must be sorted. ``cursor[r]`` is the first value of row ``r`` not taken yet
+    (start at ``indptr[:-1]``); calling this for consecutive gene ranges reads every value once.
+    ``gene_pos[g - g0]`` is where gene ``g``'s next value goes, so each gene's rows come out
+    increasing.
+    """
+    for d in range(perm.shape[0]):
+        r = perm[d]
+        k = cursor[r]
+        end = indptr[r + 1]
+        while k < end and indices[k] < g1:
+            j = indices[k] - g0
+            p = gene_pos[j]
+            out_cells[p] = d
+            out_values[p] = data[k]
+            gene_pos[j] = p + 1
+            k += 1
+        cursor[r] = k
+
+
+@numba.njit(nogil=True, cache=True)
+def sort_row_indices(indptr, indices, data):  # pragma: no cover - jit
+    """Sort each row's values by gene, in place; returns whether anything had to move."""
+    moved = False
+    for r in range(indptr.shape[0] - 1):
+        a, b = indptr[r], indptr[r + 1]
+        for k in range(a + 1, b):
+            if indices[k] < indices[k - 1]:
+                order = np.argsort(indices[a:b], kind="mergesort")
+                indices[a:b] = indices[a:b][order]
+                data[a:b] = data[a:b][order]
+                moved = True
+                break
+    return moved

@@ -6,10 +6,12 @@ experiment store), so ten genes over a million cells are a few megabytes read. I
 separate store next to the AnnData one (``<EXP>.by_gene.zarr``) because ``anndata.read_zarr``
 loads every member of a store, and the index is not part of the data.
 
-It is built from the sorted row stream of the conversion: values are scattered to gene-range
-spill files in row order, then each range is put in gene order with a stable counting sort (the
-per-gene counts are known), which keeps the rows of each gene increasing; both passes are O(n).
-Memory is one gene range, whatever the file size.
+When the conversion holds the whole matrix in memory, each gene range is picked out of it
+directly, one pass over the matrix per range. Otherwise it is built from the sorted row stream:
+values are scattered to gene-range spill files in row order, then each range is put in gene
+order with a stable counting sort (the per-gene counts are known), which keeps the rows of each
+gene increasing; both passes are O(n). Either way, memory is one gene range beyond what the
+conversion already holds, whatever the file size.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
-from .csr_kernels import order_by_gene, scatter_by_bucket
+from .csr_kernels import gene_range_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_indptr_array
+from .reorder import InMemoryMatrix
 from .shard_reader import ShardedArrayReader
 from .shards import ShardWriter
 
@@ -60,7 +63,8 @@ class GeneIndexBuilder:
         self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
         self.bytes_written = 0
 
-    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray, matrix: InMemoryMatrix | None = None) -> None:
+        self.matrix = matrix
         self.gene_nnz = gene_nnz.astype(np.int64)
         self.indptr = np.zeros(self.n_genes + 1, dtype=np.int64)
         np.cumsum(self.gene_nnz, out=self.indptr[1:])
@@ -71,12 +75,14 @@ class GeneIndexBuilder:
             g1 = int(np.searchsorted(self.indptr, self.indptr[g0] + self.bucket_nnz, side="right")) - 1
             bounds.append(min(self.n_genes, max(g1, g0 + 1)))
         self.bounds = np.asarray(bounds, dtype=np.int64)
+        if matrix is not None:
+            return  # close() reads the gene ranges from the matrix; no rows to collect
         self.bucket_of_gene = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(self.bounds))
         self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         n = indices.size
-        if n == 0:
+        if n == 0 or self.matrix is not None:
             return
         n_buckets = len(self.bounds) - 1
         cells = np.empty(n, dtype=np.int32)
@@ -107,17 +113,11 @@ class GeneIndexBuilder:
                 create_values_array(root, "data", total, self.dtype, self.codec), self.codec, self.executor
             )
             for k in range(len(self.bounds) - 1):
-                cells, genes, values = self._load(k)
-                expected = int(self.indptr[self.bounds[k + 1]] - self.indptr[self.bounds[k]])
-                if cells.size != expected:
-                    raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {expected}")
                 g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
-                ordered_cells = np.empty_like(cells)
-                ordered_values = np.empty_like(values)
-                offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
-                order_by_gene(genes, cells, values, g0, offsets, ordered_cells, ordered_values)
+                ordered_cells, ordered_values = self._gene_range(k, g0, g1)
                 cells_out.append(ordered_cells)
                 data_out.append(ordered_values)
+            self.matrix = self._cursor = None
             cells_out.close()
             data_out.close()
             write_indptr_array(root, "indptr", self.indptr, self.codec)
@@ -134,6 +134,27 @@ class GeneIndexBuilder:
             self.bytes_written = cells_out.bytes_written + data_out.bytes_written
         finally:
             self.discard()
+
+    def _gene_range(self, k: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cell rows and values of genes ``[g0, g1)``, gene by gene, each gene's rows increasing."""
+        size = int(self.indptr[g1] - self.indptr[g0])
+        out_cells = np.empty(size, dtype=np.int32)
+        out_values = np.empty(size, dtype=self.dtype)
+        if self.matrix is not None:
+            m = self.matrix
+            if k == 0:
+                self._cursor = m.indptr[:-1].copy()
+            gene_pos = self.indptr[g0:g1] - self.indptr[g0]  # a copy: the kernel advances it
+            gene_range_of_rows(
+                m.perm, m.indptr, m.indices, m.data, self._cursor, g1, gene_pos, g0, out_cells, out_values
+            )
+            return out_cells, out_values
+        cells, genes, values = self._load(k)
+        if cells.size != size:
+            raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {size}")
+        offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
+        order_by_gene(genes, cells, values, g0, offsets, out_cells, out_values)
+        return out_cells, out_values
 
     def discard(self) -> None:
         if getattr(self, "workdir", None):

@@ -1,11 +1,14 @@
 """Streaming a source matrix in sorted cell order, in bounded memory.
 
 Cells are stored sorted by metadata, but Bgee files stack cells library by library, so every
-output block gathers rows from all over the source. Small matrices are reordered in memory.
-Larger ones take two passes: the source is decoded once, in its own order, and each row is
-appended to a spill file for the output block it belongs to; then every spill file is read
-back and its rows put in order. Memory is bounded by one source block plus one output block,
-whatever the size of the file. CSC sources go through the same spill, as row fragments.
+output block gathers rows from all over the source. Matrices of up to ``IN_MEMORY_NNZ`` values
+(most Bgee files: 25k cells of ~1.5k genes are 38M values) are decoded once into memory and
+each output block is gathered from there; the whole matrix is also handed to the sink, which
+may read it in another order (the gene-major copy does). Larger ones take two passes: the
+source is decoded once, in its own order, and each row is appended to a spill file for the
+output block it belongs to; then every spill file is read back and its rows put in order.
+Memory is then bounded by one source block plus one output block, whatever the size of the
+file. CSC sources go through the same spill, as row fragments.
 """
 
 from __future__ import annotations
@@ -22,23 +25,37 @@ from typing import Protocol, TypeVar
 import numpy as np
 import scipy.sparse as sp
 
+from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
-from .csr_kernels import gather_rows, gather_segments, row_totals
+from .csr_kernels import gather_rows, gather_segments, row_totals, sort_row_indices
 from .layout import row_blocks
 
 
-class RowSink(Protocol):
-    """Receives the sorted matrix: its shape first, then consecutive row ranges."""
+@dataclass
+class InMemoryMatrix:
+    """The whole source matrix, decoded: its row ``perm[d]`` is stored row ``d``."""
 
-    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None: ...
+    perm: np.ndarray
+    indptr: np.ndarray  # int64
+    indices: np.ndarray  # int32
+    data: np.ndarray  # the output dtype
+
+
+class RowSink(Protocol):
+    """Receives the sorted matrix: its shape first (and the whole matrix, when it is in memory), then row ranges."""
+
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray, matrix: InMemoryMatrix | None) -> None: ...
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None: ...
 
 
 T = TypeVar("T")
 
-#: Matrices with at most this many values are reordered in memory (about 8 bytes per value).
-IN_MEMORY_NNZ = 1 << 24
+#: CSR and dense matrices with at most this many values are reordered in memory (8 bytes per
+#: value: 320 MB; converting a 38M-value file this way peaks at 850 MB RSS, under the 1 GB target).
+IN_MEMORY_NNZ = 40 << 20
+#: CSC matrices are turned into CSR by scipy, which needs twice the memory.
+IN_MEMORY_NNZ_CSC = 1 << 24
 #: Values per spill bucket: one bucket is held in memory while it is put in order.
 BUCKET_NNZ = 1 << 23
 #: Values decoded per source block.
@@ -72,11 +89,14 @@ def stream_sorted(
     totals = np.zeros(n, dtype=np.float64)
     detected = np.zeros(n, dtype=np.int32)
     nnz_hint = source.nnz if source.nnz is not None else n * source.n_vars
+    if source.format == "csc":
+        in_memory_nnz = min(in_memory_nnz, IN_MEMORY_NNZ_CSC)
     if nnz_hint <= in_memory_nnz:
-        indptr, indices, data = _read_all_csr(source, read_nnz)
+        indptr, indices, data = _read_all_csr(source, read_nnz, np.dtype(out_dtype))
         row_totals(indptr, data, totals, detected)
         dest_indptr = _permuted_indptr(indptr, perm)
-        sink.begin(dest_indptr, np.bincount(indices, minlength=source.n_vars).astype(np.int64))
+        gene_nnz = np.bincount(indices, minlength=source.n_vars).astype(np.int64)
+        sink.begin(dest_indptr, gene_nnz, InMemoryMatrix(perm, indptr, indices, data))
         for d0, d1 in _pairs(row_blocks(dest_indptr, read_nnz)):
             local = dest_indptr[d0 : d1 + 1] - dest_indptr[d0]
             sink.rows(d0, local, *gather_rows(indptr, indices, data, perm[d0:d1], out_dtype))
@@ -133,7 +153,7 @@ def stream_sorted(
                 rows = np.arange(r1 - r0, dtype=np.int64)
                 spill.scatter(block.indptr, block.indices, block.data, rows, inv[r0:r1], bounds)
         dest_indptr = _permuted_indptr(np.concatenate([[0], np.cumsum(row_len)]), perm)
-        sink.begin(dest_indptr, gene_nnz)
+        sink.begin(dest_indptr, gene_nnz, None)
         for k in range(len(bounds) - 1):
             indices, data = spill.gather(k)
             expected = int(dest_indptr[bounds[k + 1]] - dest_indptr[bounds[k]])
@@ -210,7 +230,7 @@ def _even_bounds(n: int, max_row: int, bucket_nnz: int) -> np.ndarray:
     return np.unique(bounds)
 
 
-def _read_all_csr(source: H5adSource, read_nnz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_all_csr(source: H5adSource, read_nnz: int, out_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if source.format == "csc":
         parts = list(source.iter_csc_blocks(nnz_per_block=read_nnz))
         indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]])
@@ -218,11 +238,23 @@ def _read_all_csr(source: H5adSource, read_nnz: int) -> tuple[np.ndarray, np.nda
         data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
         csr = sp.csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
         csr.sort_indices()
-        return csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data
-    parts = list(prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)))
-    indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]]).astype(np.int64)
-    indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
-    data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
+        return csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data.astype(out_dtype, copy=False)
+    if source.nnz is None:  # dense: sizes are known once it is read
+        parts = list(prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)))
+        indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]]).astype(np.int64)
+        indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
+        data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, out_dtype)
+        return indptr, indices, data.astype(out_dtype, copy=False)
+    # Decoded block by block into arrays of the final size: one copy of the matrix in memory, not two.
+    indptr = np.asarray(source.indptr, dtype=np.int64)
+    indices = np.empty(source.nnz, dtype=np.int32)
+    data = np.empty(source.nnz, dtype=out_dtype)
+    for block in prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)):
+        a, b = int(indptr[block.row_start]), int(indptr[block.row_stop])
+        indices[a:b] = block.indices
+        data[a:b] = block.data
+    sort_row_indices(indptr, indices, data)  # anndata writes them sorted, but nothing guarantees it
+    release_free_heap()
     return indptr, indices, data
 
 
