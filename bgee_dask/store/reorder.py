@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
-from .csr_kernels import gather_rows, gather_segments, row_totals, sort_row_indices
+from .csr_kernels import count_values_per_gene, gather_rows, gather_segments, row_totals, sort_row_indices
 from .layout import row_blocks
 
 
@@ -95,7 +95,7 @@ def stream_sorted(
         indptr, indices, data = _read_all_csr(source, read_nnz, np.dtype(out_dtype))
         row_totals(indptr, data, totals, detected)
         dest_indptr = _permuted_indptr(indptr, perm)
-        gene_nnz = np.bincount(indices, minlength=source.n_vars).astype(np.int64)
+        gene_nnz = count_values_per_gene(indices, source.n_vars)
         sink.begin(dest_indptr, gene_nnz, InMemoryMatrix(perm, indptr, indices, data))
         for d0, d1 in _pairs(row_blocks(dest_indptr, read_nnz)):
             local = dest_indptr[d0 : d1 + 1] - dest_indptr[d0]
@@ -147,7 +147,7 @@ def stream_sorted(
                 r0, r1 = block.row_start, block.row_stop
                 row_totals(block.indptr, block.data, totals[r0:r1], detected[r0:r1])
                 row_len[r0:r1] = np.diff(block.indptr)
-                gene_nnz += np.bincount(block.indices, minlength=source.n_vars)
+                gene_nnz += count_values_per_gene(block.indices, source.n_vars)
                 if bounds is None:  # dense source: a row holds at most n_vars values
                     bounds = _even_bounds(n, source.n_vars, bucket_nnz)
                 rows = np.arange(r1 - r0, dtype=np.int64)

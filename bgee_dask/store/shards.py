@@ -10,7 +10,7 @@ zarr; tests check that zarr reads back exactly what was written.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numcodecs
 import numpy as np
@@ -52,6 +52,14 @@ class ShardWriter:
         store_path = array.store_path
         self._store = store_path.store
         self._prefix = store_path.path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-shard")
+        self._pending: Future | None = None
+
+    def _wait(self) -> None:
+        """Let the shard being written finish (and raise its error, if it failed)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def append(self, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=self.dtype)
@@ -67,17 +75,27 @@ class ShardWriter:
 
     def close(self) -> None:
         """Write the last, partial shard and check that exactly ``size`` values arrived."""
-        written = self._next_shard * self.shard + self._carried
-        if written != self.size:
-            raise RuntimeError(f"{self.array.path}: got {written} values for an array of {self.size}")
-        if self._carried:
-            self._flush()
+        try:
+            written = self._next_shard * self.shard + self._carried
+            if written != self.size:
+                raise RuntimeError(f"{self.array.path}: got {written} values for an array of {self.size}")
+            if self._carried:
+                self._flush()
+            self._wait()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def _flush(self) -> None:
         values = np.concatenate(self._carry) if len(self._carry) > 1 else self._carry[0]
         self._carry, self._carried = [], 0
         index = self._next_shard
         self._next_shard += 1
+        # One shard is encoded and written in the background while the caller prepares the
+        # next: the caller's own work (gathering rows) then overlaps the encoding.
+        self._wait()
+        self._pending = self._writer.submit(self._write_shard, index, values)
+
+    def _write_shard(self, index: int, values: np.ndarray) -> None:
         shard_bytes = self._encode_shard(values)
         chunk_key = self.array.metadata.encode_chunk_key((index,))
         # an array at the store root has an empty path: "/c/0" would escape the store
