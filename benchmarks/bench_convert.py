@@ -16,9 +16,10 @@ then ``--repeats`` times, interleaved round-robin so machine noise hits all alik
   ``anndata.settings.zarr_write_format = 3``, over ``multiprocessing.Pool(<cores>)`` and in one
   process; plus anndata's default zarr format (v2) over the pool;
 * ``floor``: only decoding the source arrays (X/data, X/indices, X/indptr: raw HDF5 chunks via
-  ``read_direct_chunk`` + ``zlib.decompress``) and encoding them with the store's codec (Blosc
-  zstd clevel=1 bitshuffle, 2**17-element pieces), nothing else; over a process pool (one file per
-  process) and over a thread pool (zlib and blosc release the GIL); the faster is the floor.
+  ``read_direct_chunk`` + libdeflate, as bgee-dask decodes, and once more with Python's zlib) and
+  encoding them with the store's codec (``DEFAULT_CODEC``, 2**17-element pieces), nothing else;
+  over a process pool (one file per process) and over a thread pool (inflate and blosc release
+  the GIL); the fastest is the floor.
 
 Part 2, peak memory of converting one file: ``bgee_dask.convert([f], out, workers=1)`` in a fresh
 subprocess for files of growing size; peak RSS is sampled over the process tree every 0.1 s
@@ -123,10 +124,11 @@ def _decode_dataset(ds, executor, inflate: str = "libdeflate") -> Any:
 def _floor_file(path: str, executor=None, inflate: str = "libdeflate") -> dict[str, int]:
     import h5py
     import numcodecs
-    from numcodecs import Blosc
 
     numcodecs.blosc.use_threads = False  # parallelism comes from our pool, as in the converter
-    codec = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
+    from bgee_dask.store.layout import DEFAULT_CODEC  # the store's own codec
+
+    codec = DEFAULT_CODEC.numcodecs_codec()
     stats = {"decoded_bytes": 0, "encoded_bytes": 0}
     with h5py.File(path, "r") as f:
         for name in ("X/data", "X/indices", "X/indptr"):

@@ -32,10 +32,16 @@ BLOCK_MAX_ROWS = 1 << 16
 
 @dataclass(frozen=True)
 class BloscSettings:
-    """One codec setting used both to declare arrays and to encode shards ourselves."""
+    """One codec setting used both to declare arrays and to encode shards ourselves.
 
-    cname: str = "zstd"
-    clevel: int = 1
+    The default, LZ4 with bitshuffle, encodes and decodes Bgee counts twice as fast as zstd
+    level 1 (0.23 s against 0.50 s to encode, 0.22 s against 0.44 s to decode one 25k-cell
+    file's 38M values and indices on one core) for 12% more bytes (83 MB against 74 MB).
+    Converting and scanning are bound by the codec, so that is the better trade here.
+    """
+
+    cname: str = "lz4"
+    clevel: int = 9
     shuffle: str = "bitshuffle"
 
     def zarr_codec(self, dtype: np.dtype) -> BloscCodec:
