@@ -10,8 +10,12 @@ the number of experiments or arrays.
 from __future__ import annotations
 
 import datetime as _dt
+import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .._version import __version__
@@ -81,9 +85,10 @@ def consolidate(loc: AtlasLocation) -> dict:
         experiments.insert(0, "experiment", keys)
     runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
     genes_df = pd.concat(genes, ignore_index=True) if genes else pd.DataFrame()
-    for col in runs_df.columns:
-        if runs_df[col].dtype == object:
-            runs_df[col] = runs_df[col].astype("category")
+    for frame in (runs_df, genes_df):  # dictionary-encoded: read back as codes, not 100k's of strings
+        for col in frame.columns:
+            if frame[col].dtype == object:
+                frame[col] = frame[col].astype("category")
     loc.write_parquet(RUNS, runs_df)
     loc.write_parquet(GENES, genes_df)
     loc.write_parquet(EXPERIMENTS, experiments)
@@ -92,6 +97,8 @@ def consolidate(loc: AtlasLocation) -> dict:
         "format_version": CATALOG_VERSION,
         "writer": f"bgee-dask {__version__}",
         "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # New at every consolidation: readers may cache the tables of one catalog_id.
+        "catalog_id": uuid.uuid4().hex,
         "n_experiments": len(records),
         "experiments": keys,
     }
@@ -109,6 +116,68 @@ _EXPERIMENT_COLUMNS = [
     "bytes",
     "store",
 ]
+
+
+@dataclass
+class GeneLookup:
+    """The genes table arranged for planning: gene ids as codes, rows grouped by experiment.
+
+    Planning a query over all genes maps every experiment's genes to output columns; done with
+    pandas on the 660k-row table of a 24-experiment atlas that took 0.2 s, most of a selective
+    query. Here it is integer indexing.
+    """
+
+    ids: np.ndarray  # sorted unique gene ids
+    symbols: np.ndarray | None  # a symbol per id (None where unknown), or None without symbols
+    code: np.ndarray  # per row: position of its gene id in ``ids``
+    gene_index: np.ndarray  # per row: the gene's column in its experiment
+    gene_nnz: np.ndarray | None  # per row: values stored for the gene
+    rows: dict[str, slice]  # experiment key -> its rows
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame) -> GeneLookup:
+        exp_codes, exp_keys = pd.factorize(table["experiment"].astype(str))
+        order = np.argsort(exp_codes, kind="stable")
+        gene_codes, ids = pd.factorize(table["gene_id"].astype(str), sort=True)
+        gene_codes = gene_codes[order]
+        sorted_exp = exp_codes[order]
+        cuts = np.flatnonzero(np.diff(sorted_exp)) + 1
+        starts = np.concatenate([[0], cuts]) if len(order) else np.zeros(0, dtype=np.int64)
+        stops = np.concatenate([cuts, [len(order)]]) if len(order) else np.zeros(0, dtype=np.int64)
+        rows = {str(exp_keys[sorted_exp[a]]): slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
+        symbols = None
+        if "gene_symbol" in table:
+            sym = table["gene_symbol"].astype(object).to_numpy()[order]
+            symbols = np.full(len(ids), None, dtype=object)
+            known = pd.notna(sym)
+            # the first experiment (in catalog order) that names a gene gives its symbol
+            codes_known, first = np.unique(gene_codes[known], return_index=True)
+            symbols[codes_known] = sym[known][first]
+        return cls(
+            ids=np.asarray(ids, dtype=object),
+            symbols=symbols,
+            code=gene_codes.astype(np.int64),
+            gene_index=table["gene_index"].to_numpy()[order].astype(np.int64),
+            gene_nnz=table["gene_nnz"].to_numpy()[order].astype(np.int64) if "gene_nnz" in table else None,
+            rows=rows,
+        )
+
+
+#: Tables of recently opened catalogs, by (url, catalog_id): a catalog never changes under its id.
+_TABLES: OrderedDict[tuple[str, str], dict] = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+_TABLES_KEEP = 4
+
+
+def _cached_tables(key: tuple[str, str] | None) -> dict:
+    if key is None:
+        return {}
+    with _TABLES_LOCK:
+        tables = _TABLES.setdefault(key, {})
+        _TABLES.move_to_end(key)
+        while len(_TABLES) > _TABLES_KEEP:
+            _TABLES.popitem(last=False)
+        return tables
 
 
 class AtlasCatalog:
@@ -133,21 +202,29 @@ class AtlasCatalog:
                 f"{loc.url}: catalog version {self.header.get('format_version')} is not readable by "
                 f"this bgee-dask (reads {CATALOG_VERSION})"
             )
-        self.experiments = loc.read_parquet(EXPERIMENTS)
-        self._runs: pd.DataFrame | None = None
-        self._genes: pd.DataFrame | None = None
+        catalog_id = self.header.get("catalog_id")
+        self._tables = _cached_tables((loc.url, catalog_id) if catalog_id else None)
+        if "experiments" not in self._tables:
+            self._tables["experiments"] = loc.read_parquet(EXPERIMENTS)
+        self.experiments = self._tables["experiments"]
 
     @property
     def runs(self) -> pd.DataFrame:
-        if self._runs is None:
-            self._runs = self.location.read_parquet(RUNS)
-        return self._runs
+        if "runs" not in self._tables:
+            self._tables["runs"] = self.location.read_parquet(RUNS)
+        return self._tables["runs"]
 
     @property
     def genes(self) -> pd.DataFrame:
-        if self._genes is None:
-            self._genes = self.location.read_parquet(GENES)
-        return self._genes
+        if "genes" not in self._tables:
+            self._tables["genes"] = self.location.read_parquet(GENES)
+        return self._tables["genes"]
+
+    @property
+    def gene_lookup(self) -> GeneLookup:
+        if "gene_lookup" not in self._tables:
+            self._tables["gene_lookup"] = GeneLookup.from_table(self.genes)
+        return self._tables["gene_lookup"]
 
     def summary(self) -> dict:
         """Totals and per-experiment rows, as ``bgee-dask info`` prints them."""

@@ -89,33 +89,45 @@ def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Seque
     Names are looked up as ids first, then as symbols; only the matching rows of the genes table
     are touched, so asking for ten genes costs ten lookups, not a pass over every symbol.
     """
+    if genes is None:  # the union of the experiments' genes, from the indexed table
+        lookup = catalog.gene_lookup
+        used = np.zeros(len(lookup.ids), dtype=bool)
+        for key in experiments["experiment"]:
+            rows = lookup.rows.get(key)
+            if rows is not None:
+                used[lookup.code[rows]] = True
+        ids = pd.Index(lookup.ids[used])
+        symbols = lookup.symbols[used] if lookup.symbols is not None else None
+        return ids, symbols if symbols is not None and pd.notna(symbols).any() else None
+    wanted = list(dict.fromkeys(str(g) for g in genes))
     table = catalog.genes
-    table = table[table["experiment"].isin(experiments["experiment"])]
     has_symbols = "gene_symbol" in table
-    if genes is None:
-        ids = pd.Index(sorted(table["gene_id"].unique()))
-        named = table
-    else:
-        wanted = list(dict.fromkeys(str(g) for g in genes))
-        by_id = set(table.loc[table["gene_id"].isin(wanted), "gene_id"])
-        missing = [g for g in wanted if g not in by_id]
-        sym_to_ids: dict[str, list[str]] = {}
-        if missing and has_symbols:
-            hits = table[table["gene_symbol"].isin(missing)]
-            for sym, group in hits.groupby("gene_symbol"):
-                sym_to_ids[str(sym)] = sorted(set(group["gene_id"]))
-        unknown = [g for g in missing if g not in sym_to_ids]
-        if unknown:
-            raise KeyError(
-                f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
-            )
-        ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
-        ids = pd.Index(list(dict.fromkeys(ordered)))
-        named = table[table["gene_id"].isin(ids)]
+    in_query = table["experiment"].isin(experiments["experiment"])
+
+    def rows_where(column: str, values: Sequence[str]) -> pd.DataFrame:
+        """The queried experiments' rows whose ``column`` is one of ``values``, as plain strings."""
+        sub = table[in_query & table[column].isin(values)]
+        return sub.astype({c: object for c in ("experiment", "gene_id", "gene_symbol") if c in sub})
+
+    by_id = set(rows_where("gene_id", wanted)["gene_id"])
+    missing = [g for g in wanted if g not in by_id]
+    sym_to_ids: dict[str, list[str]] = {}
+    if missing and has_symbols:
+        for sym, group in rows_where("gene_symbol", missing).groupby("gene_symbol"):
+            sym_to_ids[str(sym)] = sorted(set(group["gene_id"]))
+    unknown = [g for g in missing if g not in sym_to_ids]
+    if unknown:
+        raise KeyError(
+            f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
+        )
+    ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
+    ids = pd.Index(list(dict.fromkeys(ordered)))
     symbols_out = None
-    if has_symbols and named["gene_symbol"].notna().any():
-        first = named.dropna(subset=["gene_symbol"]).drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
-        symbols_out = first.reindex(ids).astype(object).to_numpy()
+    if has_symbols:
+        named = rows_where("gene_id", list(ids)).dropna(subset=["gene_symbol"])
+        if len(named):
+            first = named.drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
+            symbols_out = first.reindex(ids).astype(object).to_numpy()
     return ids, symbols_out
 
 
@@ -125,35 +137,39 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
     keep = exps["experiment"].isin(runs["experiment"].unique()) if len(runs) else exps["experiment"].isin([])
     experiments = exps[keep].reset_index(drop=True)
     gene_ids, gene_symbols = resolve_genes(catalog, experiments if len(experiments) else exps, genes)
-    position = pd.Series(np.arange(len(gene_ids)), index=gene_ids)
-    gene_table = catalog.genes
-    if genes is not None:  # only the requested genes' rows matter below
-        gene_table = gene_table[gene_table["gene_id"].isin(gene_ids)]
-    genes_by_exp = dict(iter(gene_table.groupby("experiment", sort=False)))
+    lookup = catalog.gene_lookup
+    # output column of every gene id of the catalog (-1: not asked for)
+    column_of_code = np.full(len(lookup.ids), -1, dtype=np.int64)
+    if len(gene_ids) and len(lookup.ids):
+        wanted = np.asarray(gene_ids, dtype=object)
+        codes = np.searchsorted(lookup.ids, wanted).clip(max=len(lookup.ids) - 1)
+        found = lookup.ids[codes] == wanted
+        column_of_code[codes[found]] = np.flatnonzero(found)
     runs_by_exp = dict(iter(runs.groupby("experiment", sort=False, observed=True)))
-    empty_genes = gene_table.iloc[:0]
+    no_rows = slice(0, 0)
     gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
     tasks: list[BlockTask] = []
     gene_tasks: dict[int, GeneTask] = {}
     for e, row in experiments.iterrows():
-        g = genes_by_exp.get(row["experiment"], empty_genes)
+        rows = lookup.rows.get(row["experiment"], no_rows)
+        cols = column_of_code[lookup.code[rows]]
+        hit = cols >= 0
+        cols = cols[hit]
+        positions = lookup.gene_index[rows][hit]
         gmap = np.full(int(row["n_genes"]), -1, dtype=np.int32)
-        cols = position.reindex(g["gene_id"].astype(str)).to_numpy()
-        hit = ~np.isnan(cols)
-        gmap[g["gene_index"].to_numpy()[hit]] = cols[hit].astype(np.int32)
-        measured[e, cols[hit].astype(np.int64)] = True
+        gmap[positions] = cols.astype(np.int32)
+        measured[e, cols] = True
         gene_maps.append(gmap)
         r = runs_by_exp[row["experiment"]]
         blocks = np.asarray(row["row_blocks"], dtype=np.int64)
         mine = _block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks)
         tasks.extend(mine)
-        if genes is not None and mine and row.get("gene_index") and "gene_nnz" in g:
+        if genes is not None and mine and row.get("gene_index") and lookup.gene_nnz is not None:
             # exact sizes from the catalog: values of the requested genes vs values of the blocks touched
-            gene_values = int(g["gene_nnz"].to_numpy()[hit].sum())
+            gene_values = int(lookup.gene_nnz[rows][hit].sum())
             span = (mine[0].r0, mine[-1].r1)
             row_values = _values_in_rows(row, [(t.r0, t.r1) for t in mine])
             if gene_values < GENE_PATH_SHARE * row_values:
-                positions = g["gene_index"].to_numpy()[hit]
                 gene_tasks[int(e)] = GeneTask(
                     int(e),
                     row["store"],
@@ -161,7 +177,7 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
                     span[0],
                     span[1],
                     tuple(int(x) for x in positions),
-                    tuple(int(x) for x in cols[hit]),
+                    tuple(int(x) for x in cols),
                 )
     return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured, gene_tasks)
 
