@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 import bgee_dask as bd
+from bgee_dask.atlas.catalog import forget_cached_tables
 from bgee_dask.atlas.location import S3_DEFAULTS, AtlasLocation, StorageAccessError
 from bgee_dask.query.export import to_long_frame
 
@@ -297,6 +298,7 @@ def _measure(url, options, client, flt, genes):
     client.run(_clear_open_stores)
     client.run(take_request_counts)
     install_request_counter()
+    forget_cached_tables()  # measure a first open in this process
     take_request_counts()
     t0 = time.perf_counter()
     atlas = bd.open_atlas(url, storage_options=options)
@@ -337,6 +339,12 @@ def test_open_and_query_cost_a_fixed_number_of_requests(s3_server, s3_atlases, d
                 same_experiments = f"({flt}) and experimentId in {list(SMALL if name == 'atlas3' else ALL)}"
                 expected = local_atlas.query(same_experiments, genes=genes).aggregate(by="cellTypeId")
                 assert_same_result(m["result"], expected)
+                # opened again, the unchanged catalog (same catalog_id) costs its header only
+                take_request_counts()
+                again = bd.open_atlas(s3_atlases[name], storage_options=options)
+                assert take_request_counts()[0] == {"GetObject": 1}
+                again.query(flt, genes=genes, client=client)
+                assert take_request_counts()[0] == {}
     for label in ("one store", "B cells"):
         small, big = measured[("atlas3", label)], measured[("atlas", label)]
         assert small["open"][0] == big["open"][0]

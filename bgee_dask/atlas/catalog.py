@@ -180,6 +180,12 @@ def _cached_tables(key: tuple[str, str] | None) -> dict:
         return tables
 
 
+def forget_cached_tables() -> None:
+    """Drop the tables of catalogs opened before (the next open reads them again)."""
+    with _TABLES_LOCK:
+        _TABLES.clear()
+
+
 class AtlasCatalog:
     """The consolidated catalog of an atlas, read with a fixed number of requests.
 
