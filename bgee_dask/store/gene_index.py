@@ -30,6 +30,7 @@ from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_ind
 from .reorder import InMemoryMatrix
 from .shard_reader import ShardedArrayReader
 from .shards import ShardWriter
+from .spill_records import append_record, read_records
 
 GENE_INDEX_FORMAT = "bgee-dask/gene-index"
 GENE_INDEX_VERSION = "1.0"
@@ -94,11 +95,7 @@ class GeneIndexBuilder:
         )
         for k in np.flatnonzero(np.diff(offsets)).tolist():
             a, b = int(offsets[k]), int(offsets[k + 1])
-            with open(os.path.join(self.workdir, f"genes-{k:05d}.bin"), "ab") as fh:
-                np.asarray([b - a], dtype=np.int64).tofile(fh)
-                cells[a:b].tofile(fh)
-                genes[a:b].tofile(fh)
-                values[a:b].tofile(fh)
+            append_record(self._path(k), [b - a], [cells[a:b], genes[a:b], values[a:b]])
 
     def close(self, attrs: dict) -> None:
         """Put each gene range in order, write the arrays, then the attributes and metadata."""
@@ -160,24 +157,12 @@ class GeneIndexBuilder:
         if getattr(self, "workdir", None):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _path(self, k: int) -> str:
+        return os.path.join(self.workdir, f"genes-{k:05d}.bin")
+
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        path = os.path.join(self.workdir, f"genes-{k:05d}.bin")
-        if not os.path.exists(path):
-            return np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, self.dtype)
-        raw = np.fromfile(path, dtype=np.uint8)
-        os.unlink(path)
-        cells, genes, values = [], [], []
-        pos, isz = 0, self.dtype.itemsize
-        while pos < raw.size:
-            (n,) = raw[pos : pos + 8].view(np.int64)
-            pos += 8
-            cells.append(raw[pos : pos + 4 * n].view(np.int32))
-            pos += 4 * n
-            genes.append(raw[pos : pos + 4 * n].view(np.int32))
-            pos += 4 * n
-            values.append(raw[pos : pos + isz * n].view(self.dtype))
-            pos += isz * n
-        return np.concatenate(cells), np.concatenate(genes), np.concatenate(values)
+        cells, genes, values = read_records(self._path(k), [(0, np.int32), (0, np.int32), (0, self.dtype)], 1)
+        return cells, genes, values
 
 
 class GeneIndex:

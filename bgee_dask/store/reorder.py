@@ -29,6 +29,7 @@ from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
 from .csr_kernels import count_values_per_gene, gather_rows, gather_segments, row_totals, sort_row_indices
 from .layout import row_blocks
+from .spill_records import append_record, read_records
 
 
 @dataclass
@@ -298,39 +299,15 @@ class _Spill:
         nnz_offsets = np.concatenate([[0], np.cumsum(lengths)])
         for a, b in zip(row_starts.tolist(), row_stops.tolist(), strict=True):
             lo, hi = int(nnz_offsets[a]), int(nnz_offsets[b])
-            with open(self._path(int(bucket[a])), "ab") as fh:
-                np.asarray([b - a, hi - lo], dtype=np.int64).tofile(fh)
-                dest_rows[a:b].astype(np.int64).tofile(fh)
-                lengths[a:b].tofile(fh)
-                out_i[lo:hi].tofile(fh)
-                out_d[lo:hi].tofile(fh)
+            arrays = [dest_rows[a:b].astype(np.int64), lengths[a:b], out_i[lo:hi], out_d[lo:hi]]
+            append_record(self._path(int(bucket[a])), [b - a, hi - lo], arrays)
 
     def gather(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The bucket's values with its rows in destination order (fragments of a row in arrival order)."""
-        path = self._path(k)
-        if not os.path.exists(path):
-            return np.empty(0, np.int32), np.empty(0, self.out_dtype)
-        raw = np.fromfile(path, dtype=np.uint8)
-        os.unlink(path)
-        dests, lens, idx_parts, dat_parts = [], [], [], []
-        pos = 0
-        isz = self.out_dtype.itemsize
-        while pos < raw.size:
-            n_rows, n_vals = raw[pos : pos + 16].view(np.int64)
-            pos += 16
-            dests.append(raw[pos : pos + 8 * n_rows].view(np.int64))
-            pos += 8 * n_rows
-            lens.append(raw[pos : pos + 8 * n_rows].view(np.int64))
-            pos += 8 * n_rows
-            idx_parts.append(raw[pos : pos + 4 * n_vals].view(np.int32))
-            pos += 4 * n_vals
-            dat_parts.append(raw[pos : pos + isz * n_vals].view(self.out_dtype))
-            pos += isz * n_vals
-        dest = np.concatenate(dests)
-        length = np.concatenate(lens)
-        indices = np.concatenate(idx_parts)
-        data = np.concatenate(dat_parts)
-        del raw, idx_parts, dat_parts
+        fields = [(0, np.int64), (0, np.int64), (1, np.int32), (1, self.out_dtype)]
+        dest, length, indices, data = read_records(self._path(k), fields, 2)
+        if indices.size == 0:
+            return indices, data
         starts = np.zeros(length.size, dtype=np.int64)
         np.cumsum(length[:-1], out=starts[1:])
         order = np.argsort(dest, kind="stable")
