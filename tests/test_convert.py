@@ -20,6 +20,7 @@ import zarr
 from bgee_dask.atlas.catalog import AtlasCatalog, consolidate
 from bgee_dask.atlas.convert import convert
 from bgee_dask.atlas.location import AtlasLocation
+from bgee_dask.store.scratch import kept_bytes
 
 from . import make_inputs as mi
 
@@ -68,6 +69,7 @@ def primary_atlas(tmp_path_factory, bgee_sources):
     out = tmp_path_factory.mktemp("primary") / "atlas"
     reports = _run([bgee_sources[k] for k in PRIMARY], out)
     assert [r.status for r in reports] == ["converted"] * 7, [r.message for r in reports]
+    assert kept_bytes() == 0  # working arrays reused from file to file, released at the end
     return out, reports
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from bgee_dask.h5ad import value_check
 from bgee_dask.h5ad.chunks import ChunkedReader
 from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.schema import BgeeInputError, detect_layout, parse_bgee_filename
@@ -72,6 +73,15 @@ def test_chunked_reader_equals_h5py(tmp_path, dtype, filters, with_pool):
                 assert got.dtype == ds.dtype
                 np.testing.assert_array_equal(got, want, err_msg=f"range {a}:{b}")
                 np.testing.assert_array_equal(got, values[max(0, a) : min(n, max(a, b))])
+                # decoding into a slice of a bigger array touches that slice only
+                lo = min(max(0, a), n)
+                hi = max(lo, min(n, b))
+                big = np.full(hi - lo + 7, 3, dtype=ds.dtype)
+                assert reader.read_into(a, b, big[5 : 5 + hi - lo]) is not None
+                np.testing.assert_array_equal(big[5 : 5 + hi - lo], want)
+                assert (big[:5] == 3).all() and (big[5 + hi - lo :] == 3).all()
+            with pytest.raises(ValueError, match="read_into"):
+                reader.read_into(0, 10, np.empty(9, dtype=ds.dtype))
     finally:
         if pool:
             pool.shutdown()
@@ -278,3 +288,36 @@ def test_source_rejects_bad_values_while_streaming(tmp_path, value, word):
     with H5adSource(path) as src, pytest.raises(BgeeInputError, match=word) as info:
         list(src.iter_csr_blocks(nnz_per_block=50))
     assert str(path) in str(info.value)
+    # the whole-matrix reader (decoding in place) checks the same
+    with H5adSource(path) as src, pytest.raises(BgeeInputError, match=word):
+        src.read_csr_into(np.empty(src.nnz, np.int32), np.empty(src.nnz, src.out_dtype), nnz_per_block=50)
+
+
+@pytest.mark.parametrize(
+    ("data", "indices", "code"),
+    [
+        ([0.0, 1.5, 3.0], [0, 4, 9], value_check.OK),
+        ([0.0, np.nan, -1.0], [0, 1, 2], value_check.NAN),
+        ([0.0, np.inf, 1.0], [0, 1, 2], value_check.INFINITE),
+        ([0.0, -np.inf, 1.0], [0, 1, 2], value_check.NEGATIVE),
+        ([2.0, 1.0, -0.5], [0, 1, 2], value_check.NEGATIVE),
+        ([2.0, 1.0], [0, 10], value_check.INDEX_OUT_OF_RANGE),
+        ([2.0, 1.0], [-1, 3], value_check.INDEX_OUT_OF_RANGE),
+    ],
+)
+def test_first_problem_matches_numpy(data, indices, code):
+    for dtype in (np.float32, np.float64):
+        d, i = np.asarray(data, dtype=dtype), np.asarray(indices, dtype=np.int32)
+        got, pos = value_check.first_problem(d, i, 10)
+        assert got == code
+        if code == value_check.OK:
+            assert pos == -1
+        else:  # numpy's view of the same block: the reported position is the first bad one
+            bad = ~np.isfinite(d) | (d < 0) | (i < 0) | (i >= 10)
+            assert pos == int(np.flatnonzero(bad)[0])
+
+
+def test_first_problem_integer_counts_beyond_float32():
+    d = np.array([3, 1 << 24, 5], dtype=np.int64)
+    assert value_check.first_problem(d, np.zeros(3, np.int32), 1) == (value_check.TOO_LARGE, 1)
+    assert value_check.first_problem(d.astype(np.float64), np.zeros(3, np.int32), 1) == (value_check.OK, -1)

@@ -16,6 +16,7 @@ import zarr
 import bgee_dask.store.layout as layout
 import bgee_dask.store.writer as writer
 from bgee_dask.h5ad.source import H5adSource
+from bgee_dask.store import scratch
 from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
 from bgee_dask.store.reorder import stream_sorted
 from bgee_dask.store.runs import runs_table
@@ -69,10 +70,20 @@ def test_shard_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
     else:
         arr = zarr.open_group(store, mode="w").create_group("X").create_array("data", **kwargs)
     values = _random_values(rng, dtype, size)
-    with ThreadPoolExecutor(2) as pool:
-        w = ShardWriter(arr, codec, pool if seed % 2 else None)
-        for piece in _pieces(rng, values):
-            w.append(piece)
+    with ThreadPoolExecutor(2) as pool, scratch.lease() as working:
+        w = ShardWriter(arr, codec, pool if seed % 2 else None, working if seed % 3 else None)
+        for k, piece in enumerate(_pieces(rng, values)):
+            if k % 2:  # filled in place, as the in-memory reorder does, in bites of the free room
+                pos = 0
+                while pos < piece.size:
+                    room = w.writable()
+                    take = min(room.size, piece.size - pos, int(rng.integers(1, 2 * shard + 2)))
+                    room[:take] = piece[pos : pos + take]
+                    w.advance(take)
+                    pos += take
+            else:
+                w.append(piece)
+        assert w.writable().size == 0
         w.close()
     back = zarr.open_array(store, path="" if at_root else "X/data", mode="r")
     got = back[:]
@@ -112,6 +123,30 @@ def test_shard_writer_checks_the_count(tmp_path):
     with pytest.raises(RuntimeError, match="more values"):
         w.append(np.arange(21, dtype=np.int32))
     assert not (tmp_path / "s.zarr" / "v" / "c" / "3").exists()
+    with pytest.raises(RuntimeError, match="more values"):
+        w.advance(21)
+
+
+def test_scratch_lease_reuses_buffers_and_releases_them():
+    scratch.release_scratch()
+    with scratch.lease() as first:
+        a = first.empty(1000, np.float32)
+        b = first.empty(10, np.int64)
+        a[:] = 1.5
+        address_a = a.__array_interface__["data"][0]
+        first.give_back(b)  # back before the lease ends: this lease may take it again
+        c = first.empty(5, np.int32)
+        assert c.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    assert scratch.kept_bytes() == 4000 + 80
+    with scratch.lease() as second:
+        d = second.empty(900, np.int32)  # the 4000-byte buffer, the smallest that fits
+        assert d.dtype == np.int32 and d.shape == (900,)
+        assert d.__array_interface__["data"][0] == address_a
+        e = second.empty(2000, np.float32)  # nothing fits: the largest free one is dropped, not hoarded
+        assert e.shape == (2000,)
+        assert scratch.kept_bytes() == 0
+    assert scratch.kept_bytes() == 4000 + 8000
+    assert scratch.release_scratch() > 0 and scratch.kept_bytes() == 0
 
 
 # -- the spill (two-pass) reorder against the in-memory path -------------------------------------
@@ -180,9 +215,11 @@ class _Collect:
         self.began: list[tuple[np.ndarray, np.ndarray]] = []
         self.calls: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def begin(self, dest_indptr, gene_nnz, matrix):
+    def begin(self, dest_indptr, gene_nnz):
         self.began.append((np.array(dest_indptr), np.array(gene_nnz)))
-        self.matrix = matrix
+
+    def matrix(self, matrix):
+        raise AssertionError("a spilled stream must hand over rows, not a matrix")
 
     def rows(self, row_start, indptr, indices, data):
         self.calls.append((int(row_start), np.array(indptr), np.array(indices), np.array(data)))

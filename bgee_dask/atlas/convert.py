@@ -27,6 +27,7 @@ from ..h5ad.source import H5adSource
 from ..schema import BgeeInputError, parse_bgee_filename
 from ..store.gene_index import gene_index_relpath
 from ..store.layout import store_relpath
+from ..store.scratch import release_scratch
 from ..store.writer import write_experiment
 from .catalog import Fragment, consolidate, read_fragment_record, remove_fragment, write_fragment
 from .location import AtlasLocation
@@ -84,11 +85,14 @@ def find_sources(paths: Iterable[str | os.PathLike]) -> list[str]:
     return sorted(dict.fromkeys(os.path.abspath(f) for f in found))
 
 
-def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
+def sha256_file(path: str, bufsize: int = 1 << 18) -> str:
+    # One small buffer, refilled: reading 4 MB chunks as new bytes objects page-faulted 25k times per file.
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
-            h.update(chunk)
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -332,13 +336,20 @@ def convert(
     }
     client = client or current_client()
     if client is None and (len(todo) <= 1 or workers == 1):
-        reports += _run_serial(todo, loc, kwargs, progress)
+        try:
+            reports += _run_serial(todo, loc, kwargs, progress)
+        finally:
+            release_scratch()
     elif client is None:
         n = min(len(todo), workers or cpu_count())
         with local_client(n) as local:
             reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
     else:
-        reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
+        try:
+            reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
+        finally:
+            # the workers kept the last file's working arrays for the next one; nothing more is coming
+            client.run(release_scratch)
     consolidate(loc)
     order = {p: i for i, p in enumerate(paths)}
     return sorted(reports, key=lambda r: order.get(r.source, len(order)))

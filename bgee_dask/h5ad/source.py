@@ -30,7 +30,9 @@ from ..schema import (
     parse_bgee_filename,
     species_from_taxon,
 )
+from . import value_check
 from .chunks import ChunkedReader
+from .value_check import first_problem
 
 #: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
 _CPM_TOLERANCE = 1e-3
@@ -287,6 +289,31 @@ class H5adSource:
             yield self._checked_csr(r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b))
             r0 = r1
 
+    def read_csr_into(self, indices: np.ndarray, data: np.ndarray, *, nnz_per_block: int = 1 << 23) -> None:
+        """All values of a CSR matrix decoded straight into ``indices`` and ``data`` (``nnz`` long), validated.
+
+        Blocks are decoded in place when the dtypes match, so the matrix exists once in memory.
+        """
+        if self.format != "csr":
+            raise RuntimeError("read_csr_into needs a CSR matrix")
+        indptr = self.indptr
+        r0 = 0
+        while r0 < self.n_obs:
+            r1 = int(np.searchsorted(indptr, indptr[r0] + nnz_per_block, side="right")) - 1
+            r1 = min(self.n_obs, max(r1, r0 + 1))
+            a, b = int(indptr[r0]), int(indptr[r1])
+            got_indices, indices_placed = _read_maybe_into(self._indices, a, b, indices[a:b])
+            got_data, data_placed = _read_maybe_into(self._data, a, b, data[a:b])
+            # checked before any cast: a cast to float32 would hide integers beyond its range
+            self._check_values(got_data, got_indices, self.n_vars, f"rows {r0}-{r1}")
+            if not indices_placed:
+                indices[a:b] = got_indices
+            if not data_placed:
+                data[a:b] = got_data
+            if self.on_read is not None:
+                self.on_read(b - a)
+            r0 = r1
+
     def iter_csc_blocks(self, *, nnz_per_block: int = 1 << 23) -> Iterator[CscBlock]:
         """Column blocks of a CSC matrix, validated as they are decoded."""
         if self.format != "csc":
@@ -311,17 +338,22 @@ class H5adSource:
         return CsrBlock(r0, r1, indptr, indices, data)
 
     def _check_values(self, data: np.ndarray, indices: np.ndarray, bound: int, where: str) -> None:
-        if data.size == 0:
+        code, pos = first_problem(data, indices, bound)
+        if code == value_check.OK:
             return
-        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-            bad = "NaN" if np.isnan(data).any() else "infinite"
-            raise _fail(self.path, f"{bad} values in {self.counts_key} ({where})")
-        if (data < 0).any():
-            raise _fail(self.path, f"negative values in {self.counts_key} ({where})")
-        if np.issubdtype(data.dtype, np.integer) and data.max() >= 1 << 24:
-            raise _fail(self.path, f"count {data.max()} in {self.counts_key} ({where}) exceeds float32's exact range")
-        if indices.min() < 0 or indices.max() >= bound:
-            raise _fail(self.path, f"{self.counts_key} indices out of range ({where})")
+        problem = {
+            value_check.NAN: "NaN values",
+            value_check.INFINITE: "infinite values",
+            value_check.NEGATIVE: "negative values",
+        }.get(code)
+        if problem is not None:
+            raise _fail(self.path, f"{problem} in {self.counts_key} ({where})")
+        if code == value_check.TOO_LARGE:
+            raise _fail(
+                self.path,
+                f"count {data[pos]} in {self.counts_key} ({where}) exceeds float32's exact range",
+            )
+        raise _fail(self.path, f"{self.counts_key} indices out of range ({where})")
 
     @property
     def out_dtype(self) -> np.dtype:
@@ -337,6 +369,13 @@ class H5adSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_maybe_into(reader: ChunkedReader, start: int, stop: int, out: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The values, and whether they were decoded into ``out`` (possible when it has the source's dtype)."""
+    if out.dtype == reader.dtype and out.flags.c_contiguous:
+        return reader.read_into(start, stop, out), True
+    return reader.read(start, stop), False
 
 
 def _compact_strings(obs: pd.DataFrame) -> pd.DataFrame:

@@ -21,6 +21,38 @@ def gather_segments(starts, lengths, src_indices, src_data, out_indices, out_dat
 
 
 @numba.njit(nogil=True, cache=True)
+def gather_value_range(perm, indptr, indices, data, dest_indptr, v0, out_indices, out_data):  # pragma: no cover
+    """Values ``[v0, v0 + len(out))`` of the matrix whose row ``d`` is row ``perm[d]`` of the source.
+
+    Output ranges need not start or end at row boundaries, so the caller can fill fixed-size
+    buffers (whole shards) without staging rows first.
+    """
+    n_out = out_indices.shape[0]
+    # the destination row holding value v0 (skipping empty rows)
+    lo, hi = 0, dest_indptr.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if dest_indptr[mid] <= v0:
+            lo = mid
+        else:
+            hi = mid - 1
+    d = lo
+    pos = 0
+    v = v0
+    while pos < n_out:
+        while dest_indptr[d + 1] <= v:
+            d += 1
+        a = indptr[perm[d]] + (v - dest_indptr[d])
+        n = min(dest_indptr[d + 1] - v, n_out - pos)
+        for k in range(n):
+            out_indices[pos + k] = indices[a + k]
+            out_data[pos + k] = data[a + k]
+        pos += n
+        v += n
+    return pos
+
+
+@numba.njit(nogil=True, cache=True)
 def row_totals(indptr, data, totals, detected):  # pragma: no cover - jit
     """Per-row sum (float64) and number of positive values."""
     for r in range(indptr.shape[0] - 1):

@@ -28,6 +28,7 @@ import zarr
 from .csr_kernels import gene_range_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
+from .scratch import Lease
 from .shard_reader import ShardedArrayReader
 from .shards import ShardWriter
 from .spill_records import append_record, read_records
@@ -56,6 +57,7 @@ class GeneIndexBuilder:
         executor: Executor | None = None,
         spill_dir: str | None = None,
         bucket_nnz: int = GENE_BUCKET_NNZ,
+        scratch: Lease | None = None,
     ):
         self.store = store
         self.n_cells, self.n_genes = n_cells, n_genes
@@ -63,9 +65,10 @@ class GeneIndexBuilder:
         self.codec, self.executor = codec, executor
         self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
         self.bytes_written = 0
+        self.scratch = scratch
 
-    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray, matrix: InMemoryMatrix | None = None) -> None:
-        self.matrix = matrix
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
+        self._matrix: InMemoryMatrix | None = None
         self.gene_nnz = gene_nnz.astype(np.int64)
         self.indptr = np.zeros(self.n_genes + 1, dtype=np.int64)
         np.cumsum(self.gene_nnz, out=self.indptr[1:])
@@ -76,15 +79,19 @@ class GeneIndexBuilder:
             g1 = int(np.searchsorted(self.indptr, self.indptr[g0] + self.bucket_nnz, side="right")) - 1
             bounds.append(min(self.n_genes, max(g1, g0 + 1)))
         self.bounds = np.asarray(bounds, dtype=np.int64)
-        if matrix is not None:
-            return  # close() reads the gene ranges from the matrix; no rows to collect
         self.bucket_of_gene = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(self.bounds))
-        self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
+        self.workdir: str | None = None
+
+    def matrix(self, matrix: InMemoryMatrix) -> None:
+        """close() will read the gene ranges from the matrix; no rows to collect."""
+        self._matrix = matrix
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         n = indices.size
-        if n == 0 or self.matrix is not None:
+        if n == 0:
             return
+        if self.workdir is None:
+            self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
         n_buckets = len(self.bounds) - 1
         cells = np.empty(n, dtype=np.int32)
         genes = np.empty(n, dtype=np.int32)
@@ -104,17 +111,35 @@ class GeneIndexBuilder:
             total = int(self.indptr[-1])
 
             cells_out = ShardWriter(
-                create_values_array(root, "indices", total, np.dtype(np.int32), self.codec), self.codec, self.executor
+                create_values_array(root, "indices", total, np.dtype(np.int32), self.codec),
+                self.codec,
+                self.executor,
+                self.scratch,
             )
             data_out = ShardWriter(
-                create_values_array(root, "data", total, self.dtype, self.codec), self.codec, self.executor
+                create_values_array(root, "data", total, self.dtype, self.codec),
+                self.codec,
+                self.executor,
+                self.scratch,
             )
+            # one pair of buffers for every gene range: fresh ones would be page-faulted in each time
+            sizes = self.indptr[self.bounds[1:]] - self.indptr[self.bounds[:-1]]
+            largest = int(sizes.max()) if sizes.size else 0
+            allocate = self.scratch.empty if self.scratch is not None else np.empty
+            cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
+            if self._matrix is not None:
+                self._cursor = self._matrix.indptr[:-1].copy()  # each row's next value not taken yet
             for k in range(len(self.bounds) - 1):
                 g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
-                ordered_cells, ordered_values = self._gene_range(k, g0, g1)
-                cells_out.append(ordered_cells)
-                data_out.append(ordered_values)
-            self.matrix = self._cursor = None
+                n = int(sizes[k])
+                self._gene_range(k, g0, g1, cells_buf[:n], values_buf[:n])
+                cells_out.append(cells_buf[:n])
+                data_out.append(values_buf[:n])
+            self._matrix = self._cursor = None
+            if self.scratch is not None:
+                self.scratch.give_back(cells_buf)
+                self.scratch.give_back(values_buf)
+            del cells_buf, values_buf
             cells_out.close()
             data_out.close()
             write_indptr_array(root, "indptr", self.indptr, self.codec)
@@ -132,26 +157,23 @@ class GeneIndexBuilder:
         finally:
             self.discard()
 
-    def _gene_range(self, k: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cell rows and values of genes ``[g0, g1)``, gene by gene, each gene's rows increasing."""
-        size = int(self.indptr[g1] - self.indptr[g0])
-        out_cells = np.empty(size, dtype=np.int32)
-        out_values = np.empty(size, dtype=self.dtype)
-        if self.matrix is not None:
-            m = self.matrix
-            if k == 0:
-                self._cursor = m.indptr[:-1].copy()
+    def _gene_range(self, k: int, g0: int, g1: int, out_cells: np.ndarray, out_values: np.ndarray) -> None:
+        """Cell rows and values of genes ``[g0, g1)`` into the outputs, gene by gene, each gene's rows increasing."""
+        size = out_cells.size
+        if size == 0:
+            return
+        if self._matrix is not None:
+            m = self._matrix
             gene_pos = self.indptr[g0:g1] - self.indptr[g0]  # a copy: the kernel advances it
             gene_range_of_rows(
                 m.perm, m.indptr, m.indices, m.data, self._cursor, g1, gene_pos, g0, out_cells, out_values
             )
-            return out_cells, out_values
+            return
         cells, genes, values = self._load(k)
         if cells.size != size:
             raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {size}")
         offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
         order_by_gene(genes, cells, values, g0, offsets, out_cells, out_values)
-        return out_cells, out_values
 
     def discard(self) -> None:
         if getattr(self, "workdir", None):

@@ -2,9 +2,9 @@
 
 Cells are stored sorted by metadata, but Bgee files stack cells library by library, so every
 output block gathers rows from all over the source. Matrices of up to ``IN_MEMORY_NNZ`` values
-(most Bgee files: 25k cells of ~1.5k genes are 38M values) are decoded once into memory and
-each output block is gathered from there; the whole matrix is also handed to the sink, which
-may read it in another order (the gene-major copy does). Larger ones take two passes: the
+(most Bgee files: 25k cells of ~1.5k genes are 38M values) are decoded once, in place, into
+memory and handed whole to the sink, which gathers each output shard straight from it (and
+may read it in another order too: the gene-major copy does). Larger ones take two passes: the
 source is decoded once, in its own order, and each row is appended to a spill file for the
 output block it belongs to; then every spill file is read back and its rows put in order.
 Memory is then bounded by one source block plus one output block, whatever the size of the
@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import Full, Queue
 from typing import Protocol, TypeVar
@@ -27,7 +27,14 @@ import scipy.sparse as sp
 
 from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
-from .csr_kernels import count_values_per_gene, gather_rows, gather_segments, row_totals, sort_row_indices
+from .csr_kernels import (
+    count_values_per_gene,
+    gather_rows,
+    gather_segments,
+    gather_value_range,
+    row_totals,
+    sort_row_indices,
+)
 from .layout import row_blocks
 from .spill_records import append_record, read_records
 
@@ -38,14 +45,24 @@ class InMemoryMatrix:
 
     perm: np.ndarray
     indptr: np.ndarray  # int64
-    indices: np.ndarray  # int32
+    indices: np.ndarray  # int32, sorted within each row
     data: np.ndarray  # the output dtype
+    dest_indptr: np.ndarray  # int64: where stored row d starts among the stored values
+
+    def fill_sorted(self, start: int, indices_out: np.ndarray, data_out: np.ndarray) -> None:
+        """Stored values ``[start, start + len(indices_out))``, as they are in stored row order."""
+        gather_value_range(
+            self.perm, self.indptr, self.indices, self.data, self.dest_indptr, start, indices_out, data_out
+        )
 
 
 class RowSink(Protocol):
-    """Receives the sorted matrix: its shape first (and the whole matrix, when it is in memory), then row ranges."""
+    """Receives the sorted matrix: its shape first, then either the whole matrix or row ranges in order."""
 
-    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray, matrix: InMemoryMatrix | None) -> None: ...
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None: ...
+
+    def matrix(self, matrix: InMemoryMatrix) -> None:
+        """The whole matrix, when it is in memory; ``rows`` is then not called."""
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None: ...
 
@@ -84,8 +101,12 @@ def stream_sorted(
     in_memory_nnz: int = IN_MEMORY_NNZ,
     bucket_nnz: int = BUCKET_NNZ,
     read_nnz: int = READ_NNZ,
+    allocate: Callable[[int, np.dtype], np.ndarray] = np.empty,
 ) -> ReorderResult:
-    """Feed ``sink`` the rows ``perm[0], perm[1], ...`` in that order, in blocks."""
+    """Feed ``sink`` the rows ``perm[0], perm[1], ...`` in that order, in blocks.
+
+    ``allocate`` makes the in-memory matrix's arrays (``np.empty`` or a scratch lease's).
+    """
     n = source.n_obs
     totals = np.zeros(n, dtype=np.float64)
     detected = np.zeros(n, dtype=np.int32)
@@ -93,14 +114,12 @@ def stream_sorted(
     if source.format == "csc":
         in_memory_nnz = min(in_memory_nnz, IN_MEMORY_NNZ_CSC)
     if nnz_hint <= in_memory_nnz:
-        indptr, indices, data = _read_all_csr(source, read_nnz, np.dtype(out_dtype))
+        indptr, indices, data = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
         row_totals(indptr, data, totals, detected)
         dest_indptr = _permuted_indptr(indptr, perm)
         gene_nnz = count_values_per_gene(indices, source.n_vars)
-        sink.begin(dest_indptr, gene_nnz, InMemoryMatrix(perm, indptr, indices, data))
-        for d0, d1 in _pairs(row_blocks(dest_indptr, read_nnz)):
-            local = dest_indptr[d0 : d1 + 1] - dest_indptr[d0]
-            sink.rows(d0, local, *gather_rows(indptr, indices, data, perm[d0:d1], out_dtype))
+        sink.begin(dest_indptr, gene_nnz)
+        sink.matrix(InMemoryMatrix(perm, indptr, indices, data, dest_indptr))
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), False)
 
     inv = np.empty(n, dtype=np.int64)
@@ -154,7 +173,7 @@ def stream_sorted(
                 rows = np.arange(r1 - r0, dtype=np.int64)
                 spill.scatter(block.indptr, block.indices, block.data, rows, inv[r0:r1], bounds)
         dest_indptr = _permuted_indptr(np.concatenate([[0], np.cumsum(row_len)]), perm)
-        sink.begin(dest_indptr, gene_nnz, None)
+        sink.begin(dest_indptr, gene_nnz)
         for k in range(len(bounds) - 1):
             indices, data = spill.gather(k)
             expected = int(dest_indptr[bounds[k + 1]] - dest_indptr[bounds[k]])
@@ -231,7 +250,9 @@ def _even_bounds(n: int, max_row: int, bucket_nnz: int) -> np.ndarray:
     return np.unique(bounds)
 
 
-def _read_all_csr(source: H5adSource, read_nnz: int, out_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_all_csr(
+    source: H5adSource, read_nnz: int, out_dtype: np.dtype, allocate: Callable[[int, np.dtype], np.ndarray] = np.empty
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if source.format == "csc":
         parts = list(source.iter_csc_blocks(nnz_per_block=read_nnz))
         indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]])
@@ -246,14 +267,11 @@ def _read_all_csr(source: H5adSource, read_nnz: int, out_dtype: np.dtype) -> tup
         indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
         data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, out_dtype)
         return indptr, indices, data.astype(out_dtype, copy=False)
-    # Decoded block by block into arrays of the final size: one copy of the matrix in memory, not two.
+    # Decoded straight into arrays of the final size: one copy of the matrix in memory, not two.
     indptr = np.asarray(source.indptr, dtype=np.int64)
-    indices = np.empty(source.nnz, dtype=np.int32)
-    data = np.empty(source.nnz, dtype=out_dtype)
-    for block in prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)):
-        a, b = int(indptr[block.row_start]), int(indptr[block.row_stop])
-        indices[a:b] = block.indices
-        data[a:b] = block.data
+    indices = allocate(source.nnz, np.dtype(np.int32))
+    data = allocate(source.nnz, out_dtype)
+    source.read_csr_into(indices, data, nnz_per_block=read_nnz)
     sort_row_indices(indptr, indices, data)  # anndata writes them sorted, but nothing guarantees it
     release_free_heap()
     return indptr, indices, data

@@ -19,6 +19,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .layout import BloscSettings
+from .scratch import Lease
 
 _EMPTY = np.uint64(2**64 - 1)
 
@@ -32,9 +33,21 @@ class ShardWriter:
 
     The array must have been created with one ``BloscCodec`` (see ``BloscSettings``) inside a
     sharding codec whose index sits at the end with the default index codecs.
+
+    Values are assembled in two shard-sized buffers, reused for the whole array: one is encoded
+    and written in the background while the other fills. Fresh arrays of that size would cost
+    a page fault per 4 KiB on every shard (measured: ~170k faults and 1.3 s of system time per
+    25k-cell file before buffers were reused). Producers that can compute values in place fill
+    ``writable()`` and call ``advance``; others ``append``.
     """
 
-    def __init__(self, array: zarr.Array, codec: BloscSettings, executor: Executor | None = None):
+    def __init__(
+        self,
+        array: zarr.Array,
+        codec: BloscSettings,
+        executor: Executor | None = None,
+        scratch: Lease | None = None,
+    ):
         if array.ndim != 1 or array.shards is None:
             raise ValueError("ShardWriter needs a 1-D sharded array")
         self.array = array
@@ -45,8 +58,12 @@ class ShardWriter:
         self.fill = np.asarray(array.fill_value, dtype=self.dtype)
         self.codec = codec.numcodecs_codec()
         self.executor = executor
-        self._carry: list[np.ndarray] = []
-        self._carried = 0
+        n_buffers = 2 if self.size > self.shard else 1
+        self._scratch = scratch
+        allocate = scratch.empty if scratch is not None else np.empty
+        self._buffers = [allocate(min(self.size, self.shard), self.dtype) for _ in range(n_buffers)]
+        self._current = 0  # the buffer being filled
+        self._filled = 0  # values in it
         self._next_shard = 0
         self.bytes_written = 0
         store_path = array.store_path
@@ -54,6 +71,12 @@ class ShardWriter:
         self._prefix = store_path.path
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-shard")
         self._pending: Future | None = None
+        self._out = bytearray()  # the encoded shard, reused
+
+    @property
+    def written(self) -> int:
+        """Values received so far."""
+        return self._next_shard * self.shard + self._filled
 
     def _wait(self) -> None:
         """Let the shard being written finish (and raise its error, if it failed)."""
@@ -61,39 +84,58 @@ class ShardWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def append(self, values: np.ndarray) -> None:
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        if self._next_shard * self.shard + self._carried + values.size > self.size:
+    def writable(self) -> np.ndarray:
+        """Where the next values go: the free rest of the shard being assembled (never empty before the end)."""
+        room = min(self.shard, self.size - self._next_shard * self.shard) - self._filled
+        return self._buffers[self._current][self._filled : self._filled + room]
+
+    def advance(self, n: int) -> None:
+        """Take the first ``n`` values of ``writable()`` as written."""
+        if n < 0 or n > self.writable().size:
             raise RuntimeError(f"{self.array.path}: more values than the array's {self.size}")
-        while values.size:
-            take = min(values.size, self.shard - self._carried)
-            self._carry.append(values[:take])
-            self._carried += take
-            values = values[take:]
-            if self._carried == self.shard:
-                self._flush()
+        self._filled += n
+        if self._filled == self.shard:
+            self._flush()
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        if self.written + values.size > self.size:
+            raise RuntimeError(f"{self.array.path}: more values than the array's {self.size}")
+        pos = 0
+        while pos < values.size:
+            room = self.writable()
+            take = min(room.size, values.size - pos)
+            room[:take] = values[pos : pos + take]
+            pos += take
+            self.advance(take)
 
     def close(self) -> None:
         """Write the last, partial shard and check that exactly ``size`` values arrived."""
         try:
-            written = self._next_shard * self.shard + self._carried
-            if written != self.size:
-                raise RuntimeError(f"{self.array.path}: got {written} values for an array of {self.size}")
-            if self._carried:
+            if self.written != self.size:
+                raise RuntimeError(f"{self.array.path}: got {self.written} values for an array of {self.size}")
+            if self._filled:
                 self._flush()
             self._wait()
         finally:
             self._writer.shutdown(wait=True)
+            if self._scratch is not None:
+                for buffer in self._buffers:
+                    self._scratch.give_back(buffer)
+            self._buffers, self._out = [], bytearray()
 
     def _flush(self) -> None:
-        values = np.concatenate(self._carry) if len(self._carry) > 1 else self._carry[0]
-        self._carry, self._carried = [], 0
+        values = self._buffers[self._current][: self._filled]
         index = self._next_shard
         self._next_shard += 1
-        # One shard is encoded and written in the background while the caller prepares the
-        # next: the caller's own work (gathering rows) then overlaps the encoding.
+        self._filled = 0
+        # One shard is encoded and written in the background while the caller fills the other
+        # buffer; the caller's own work (gathering rows) then overlaps the encoding.
         self._wait()
         self._pending = self._writer.submit(self._write_shard, index, values)
+        self._current = (self._current + 1) % len(self._buffers)
+        if len(self._buffers) == 1:
+            self._wait()  # a single buffer is refilled only once it is written
 
     def _write_shard(self, index: int, values: np.ndarray) -> None:
         shard_bytes = self._encode_shard(values)
@@ -104,7 +146,8 @@ class ShardWriter:
         sync(self._store.set(key, buf))
         self.bytes_written += len(shard_bytes)
 
-    def _encode_shard(self, values: np.ndarray) -> bytes:
+    def _encode_shard(self, values: np.ndarray) -> memoryview:
+        """The shard's bytes, in a buffer reused for every shard (valid until the next call)."""
         per_shard = self.shard // self.chunk
         pieces = []
         for i in range(per_shard):
@@ -125,4 +168,12 @@ class ShardWriter:
             index[i] = (offset, len(blob))
             offset += len(blob)
         index_bytes = index.tobytes()
-        return b"".join([*map(bytes, encoded), index_bytes, _crc32c(index_bytes)])
+        total = offset + len(index_bytes) + 4
+        if len(self._out) < total:
+            self._out = bytearray(total)
+        out = memoryview(self._out)
+        pos = 0
+        for blob in (*encoded, index_bytes, _crc32c(index_bytes)):
+            out[pos : pos + len(blob)] = blob
+            pos += len(blob)
+        return out[:total]

@@ -25,6 +25,7 @@ from zarr.core.sync import sync
 
 from ..h5ad.source import H5adSource
 from ..schema import SORT_COLUMNS
+from . import scratch
 from .gene_index import GeneIndexBuilder
 from .layout import (
     ATTRS_KEY,
@@ -69,10 +70,22 @@ class _StoreSink:
     ):
         self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
 
-    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray, matrix: InMemoryMatrix | None) -> None:
+    def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
         if self.genes is not None:
-            self.genes.begin(dest_indptr, gene_nnz, matrix)
+            self.genes.begin(dest_indptr, gene_nnz)
+
+    def matrix(self, matrix: InMemoryMatrix) -> None:
+        """Gather X straight into the shard buffers, one shard at a time (both arrays cut alike)."""
+        while (room := self.indices.writable()).size:
+            start = self.indices.written
+            matrix.fill_sorted(start, room, self.data.writable()[: room.size])
+            self.indices.advance(room.size)
+            self.data.advance(room.size)
+            if self.on_write is not None:
+                self.on_write(int(room.size))
+        if self.genes is not None:
+            self.genes.matrix(matrix)
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
         self.indices.append(indices)
@@ -175,34 +188,41 @@ def write_experiment(
     if nnz_total is None:
         nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-    data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor)
-    indices_writer = ShardWriter(
-        create_values_array(x, "indices", nnz_total, np.dtype(np.int32), codec), codec, executor
-    )
-
-    genes = None
-    if gene_index_store is not None:
-        genes = GeneIndexBuilder(
-            gene_index_store,
-            source.n_obs,
-            source.n_vars,
-            out_dtype,
-            codec=codec,
-            executor=executor,
-            spill_dir=spill_dir,
+    with scratch.lease() as working:
+        data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
+        indices_writer = ShardWriter(
+            create_values_array(x, "indices", nnz_total, np.dtype(np.int32), codec), codec, executor, working
         )
-    sink = _StoreSink(indices_writer, data_writer, genes, on_write)
-    try:
-        result = stream_sorted(
-            source, perm, sink, out_dtype=out_dtype, spill_dir=spill_dir, in_memory_nnz=in_memory_nnz
-        )
-        data_writer.close()
-        indices_writer.close()
-        if genes is not None:
-            genes.close({"experiment_id": source.experiment_id, "species": source.species})
-    finally:
-        if genes is not None:
-            genes.discard()
+        genes = None
+        if gene_index_store is not None:
+            genes = GeneIndexBuilder(
+                gene_index_store,
+                source.n_obs,
+                source.n_vars,
+                out_dtype,
+                codec=codec,
+                executor=executor,
+                spill_dir=spill_dir,
+                scratch=working,
+            )
+        sink = _StoreSink(indices_writer, data_writer, genes, on_write)
+        try:
+            result = stream_sorted(
+                source,
+                perm,
+                sink,
+                out_dtype=out_dtype,
+                spill_dir=spill_dir,
+                in_memory_nnz=in_memory_nnz,
+                allocate=working.empty,
+            )
+            data_writer.close()
+            indices_writer.close()
+            if genes is not None:
+                genes.close({"experiment_id": source.experiment_id, "species": source.species})
+        finally:
+            if genes is not None:
+                genes.discard()
     write_indptr_array(x, "indptr", result.indptr, codec)
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
