@@ -71,7 +71,7 @@ class ShardWriter:
         self._prefix = store_path.path
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-shard")
         self._pending: Future | None = None
-        self._out = bytearray()  # the encoded shard, reused
+        self._out: np.ndarray | None = None  # the encoded shard, reused (bytes)
 
     @property
     def written(self) -> int:
@@ -120,9 +120,9 @@ class ShardWriter:
         finally:
             self._writer.shutdown(wait=True)
             if self._scratch is not None:
-                for buffer in self._buffers:
+                for buffer in [*self._buffers, *([] if self._out is None else [self._out])]:
                     self._scratch.give_back(buffer)
-            self._buffers, self._out = [], bytearray()
+            self._buffers, self._out = [], None
 
     def _flush(self) -> None:
         values = self._buffers[self._current][: self._filled]
@@ -169,8 +169,13 @@ class ShardWriter:
             offset += len(blob)
         index_bytes = index.tobytes()
         total = offset + len(index_bytes) + 4
-        if len(self._out) < total:
-            self._out = bytearray(total)
+        if self._out is None or self._out.size < total:
+            if self._out is not None and self._scratch is not None:
+                self._scratch.give_back(self._out)
+            # room for a whole shard that does not compress at all, so this happens once per array
+            worst = per_shard * (self.chunk * self.dtype.itemsize + 32) + len(index_bytes) + 4
+            allocate = self._scratch.empty if self._scratch is not None else np.empty
+            self._out = allocate(max(total, worst), np.dtype(np.uint8))
         out = memoryview(self._out)
         pos = 0
         for blob in (*encoded, index_bytes, _crc32c(index_bytes)):
