@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._runtime import bound_heap_growth, cpu_count, current_client, local_client
+from .._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
 from .._version import __version__
 from ..h5ad.source import H5adSource
 from ..schema import BgeeInputError, parse_bgee_filename
@@ -123,6 +123,15 @@ def convert_file(
 ) -> ConversionReport:
     """Convert one file into the atlas; never raises for a bad file, reports it instead."""
     bound_heap_growth()
+    with gc_paused():
+        return _convert_file(
+            path, loc, overwrite, threads, experiment_id, species, tmp_dir, in_memory_nnz, gene_index, progress
+        )
+
+
+def _convert_file(
+    path, loc, overwrite, threads, experiment_id, species, tmp_dir, in_memory_nnz, gene_index, progress
+) -> ConversionReport:
     start = time.perf_counter()
     report = ConversionReport(source=path, status="failed")
     threads = threads or cpu_count()
@@ -340,17 +349,22 @@ def convert(
             reports += _run_serial(todo, loc, kwargs, progress)
         finally:
             release_scratch()
+        consolidate(loc)
     elif client is None:
         n = min(len(todo), workers or cpu_count())
-        with local_client(n) as local:
-            reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
+        with ThreadPoolExecutor(1) as background:
+            with local_client(n) as local:
+                reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
+                # the catalog is consolidated while the cluster shuts down (0.7 s)
+                consolidated = background.submit(consolidate, loc)
+            consolidated.result()
     else:
         try:
             reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
         finally:
             # the workers kept the last file's working arrays for the next one; nothing more is coming
             client.run(release_scratch)
-    consolidate(loc)
+        consolidate(loc)
     order = {p: i for i, p in enumerate(paths)}
     return sorted(reports, key=lambda r: order.get(r.source, len(order)))
 
