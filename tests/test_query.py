@@ -293,3 +293,37 @@ def test_distributed_cluster_gives_the_same_numbers(atlas):
         remote = atlas.query("speciesId == 9606", genes=genes, client=client).aggregate(by=["cellTypeId"], stats=STATS)
     for v in ["n_cells", "n_measured", *STATS]:
         np.testing.assert_array_equal(local[v].values, remote[v].values)
+
+
+@pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "plain"])
+def test_gene_lookup_from_table_matches_pandas(categorical):
+    """The planner's gene lookup against pandas' own grouping of the same table (with unused categories and NaN)."""
+    from bgee_dask.atlas.catalog import GeneLookup
+
+    rng = np.random.default_rng(5)
+    ids = np.array([f"ENSG{i:011d}" for i in rng.permutation(40)], dtype=object)
+    rows = []
+    for e, exp in enumerate(["b/E2", "a/E1", "c/E3"]):
+        genes = rng.choice(ids, size=15 + 5 * e, replace=False)
+        for gi, g in enumerate(genes):
+            sym = None if rng.random() < 0.3 else f"S{g[-3:]}-{exp}"
+            rows.append((exp, g, sym, gi, int(rng.integers(0, 100))))
+    table = pd.DataFrame(rows, columns=["experiment", "gene_id", "gene_symbol", "gene_index", "gene_nnz"])
+    if categorical:
+        for col in ("experiment", "gene_id", "gene_symbol"):
+            extra = ["UNUSED-1", "UNUSED-0"]  # categories no row uses, as a dictionary may hold
+            table[col] = pd.Categorical(table[col], categories=[*extra, *table[col].dropna().unique()[::-1]])
+    lookup = GeneLookup.from_table(table)
+    plain = table.astype({c: object for c in ("experiment", "gene_id", "gene_symbol")})
+    want_ids = np.sort(plain["gene_id"].unique())
+    np.testing.assert_array_equal(lookup.ids.astype(str), want_ids.astype(str))
+    assert set(lookup.rows) == set(plain["experiment"])
+    for exp, sl in lookup.rows.items():
+        part = plain[plain["experiment"] == exp]
+        np.testing.assert_array_equal(lookup.ids[lookup.code[sl]].astype(str), part["gene_id"].to_numpy().astype(str))
+        np.testing.assert_array_equal(lookup.gene_index[sl], part["gene_index"].to_numpy())
+        np.testing.assert_array_equal(lookup.gene_nnz[sl], part["gene_nnz"].to_numpy())
+    # a gene's symbol is the first one given in catalog order
+    first = plain.dropna(subset=["gene_symbol"]).groupby("gene_id", sort=False)["gene_symbol"].first()
+    for i, g in enumerate(lookup.ids):
+        assert lookup.symbols[i] == first.get(g, None)
