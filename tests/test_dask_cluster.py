@@ -246,3 +246,38 @@ def test_demo_through_a_scheduler(dask_cluster_procs, tmp_path, monkeypatch, cap
 def _tasks_ever(dask_scheduler) -> dict[str, int]:
     """A count per key prefix that only grows while the scheduler runs tasks of that prefix."""
     return {name: sum(tp.state_counts.values()) for name, tp in dask_scheduler.task_prefixes.items()}
+
+
+def _worker_readiness() -> dict:
+    """On a worker: whether the block kernels are loaded and the allocator tuned."""
+    import sys
+
+    from bgee_dask import _runtime
+
+    kernels = sys.modules.get("bgee_dask.query.kernels")
+    return {
+        "kernels": bool(kernels and kernels.grouped_moments.signatures),
+        "heap_tuned": _runtime._HEAP_TUNED,
+    }
+
+
+def test_fresh_workers_get_ready_while_the_client_plans(dask_cluster_factory, cluster_atlas):
+    """Creating a query starts the workers' preparation (imports, numba kernels, allocator) without computing."""
+    cluster = dask_cluster_factory(n_workers=2, nthreads=1, memory_limit="2GB", nanny=True)
+    with cluster.client() as client:
+        before = client.run(_worker_readiness)
+        assert not any(s["kernels"] or s["heap_tuned"] for s in before.values()), before
+        t0 = time.monotonic()
+        q = bd.open_atlas(cluster_atlas).query("cellTypeId != 'nothing'", client=client)
+        planned = time.monotonic() - t0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = client.run(_worker_readiness)
+            if all(s["kernels"] and s["heap_tuned"] for s in states.values()):
+                break
+            time.sleep(0.1)
+        assert all(s["kernels"] and s["heap_tuned"] for s in states.values()), states
+        # no query task ran: preparing is not computing
+        assert not client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
+    print(f"\nplanned in {planned:.2f}s; workers ready {time.monotonic() - t0:.1f}s after the query was created")
+    assert len(q.plan.tasks) > 0

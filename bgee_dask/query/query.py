@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +20,23 @@ from . import blocks
 from .filter import Expr, parse_filter
 from .plan import QueryPlan, check_columns, make_plan
 from .reduction import Partial, check_stats, combine, finalize
+from .warmup import prepare_worker_soon
 
 #: Partials merged per combine task of the tree reduction.
 FAN_IN = 8
 OBS_COLUMNS = [*CANONICAL_COLUMNS, *DERIVED_COLUMNS]
+
+
+def _prepare_workers(client: Any | None) -> None:
+    """Have the workers load the block kernels while this process plans (see ``blocks.prepare_worker``).
+
+    Best effort and not waited for: a worker that cannot run it loads the kernels with its
+    first block instead, as it would have anyway.
+    """
+    if client is not None:
+        client.run(prepare_worker_soon, wait=False)
+    else:  # Dask's threads run the blocks in this process
+        threading.Thread(target=blocks.prepare_worker, name="bgee-dask-prepare", daemon=True).start()
 
 
 class Query:
@@ -47,6 +61,7 @@ class Query:
             genes = [genes]
         self.genes = list(genes) if genes is not None else None
         self.client = client
+        _prepare_workers(client or current_client())
         # Planning reads only the catalog, so unknown genes fail here rather than mid-compute.
         self.plan: QueryPlan = make_plan(self.catalog, self.expr, self.genes)
 
