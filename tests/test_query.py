@@ -327,3 +327,40 @@ def test_gene_lookup_from_table_matches_pandas(categorical):
     first = plain.dropna(subset=["gene_symbol"]).groupby("gene_id", sort=False)["gene_symbol"].first()
     for i, g in enumerate(lookup.ids):
         assert lookup.symbols[i] == first.get(g, None)
+
+
+def test_combine_partials_in_any_tree_equals_a_groupby_sum():
+    """The combine step against pandas' groupby-sum of all partial rows, whatever the merge order."""
+    from bgee_dask.query.reduction import Partial, combine
+
+    rng = np.random.default_rng(11)
+    n_exp, n_genes = 3, 7
+    parts = []
+    for _ in range(9):
+        g = int(rng.integers(0, 5))
+        keys = [(f"ct{k}", int(k % 2)) for k in rng.choice(8, size=g, replace=False)]
+        parts.append(
+            Partial(
+                keys,
+                rng.integers(0, 9, (g, n_exp)),
+                rng.random((g, n_genes)),
+                rng.random((g, n_genes)),
+                rng.integers(0, 9, (g, n_genes)),
+            )
+        )
+    rows = [(k, p, i) for p in parts for i, k in enumerate(p.keys)]
+    frames = {}
+    for field in ("counts", "sums", "sumsq", "nexpr"):
+        df = pd.DataFrame([getattr(p, field)[i] for _, p, i in rows], index=pd.Index([str(k) for k, _, _ in rows]))
+        frames[field] = df.groupby(level=0).sum()
+    for _ in range(4):
+        order = rng.permutation(len(parts))
+        layer = [parts[i] for i in order]
+        while len(layer) > 1:  # a random fan-in tree
+            k = int(rng.integers(2, 4))
+            layer = [combine(layer[i : i + k]) for i in range(0, len(layer), k)]
+        out = layer[0]
+        assert sorted(map(str, out.keys)) == sorted(frames["sums"].index)
+        for field, want in frames.items():
+            got = pd.DataFrame(getattr(out, field), index=[str(k) for k in out.keys]).sort_index()
+            np.testing.assert_allclose(got.to_numpy(), want.sort_index().to_numpy(), rtol=1e-12)

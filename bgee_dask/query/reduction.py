@@ -59,34 +59,53 @@ def combine(parts: Sequence[Partial]) -> Partial:
     )
     for p in parts:
         rows = np.fromiter((index[k] for k in p.keys), dtype=np.int64, count=len(p.keys))
-        np.add.at(out.counts, rows, p.counts)
-        np.add.at(out.sums, rows, p.sums)
-        np.add.at(out.sumsq, rows, p.sumsq)
-        np.add.at(out.nexpr, rows, p.nexpr)
+        # A partial's keys are distinct, so plain fancy-indexed adds are exact (and 3-8x faster
+        # than np.add.at, which only matters for repeated indices).
+        out.counts[rows] += p.counts
+        out.sums[rows] += p.sums
+        out.sumsq[rows] += p.sumsq
+        out.nexpr[rows] += p.nexpr
     return out
 
 
 def finalize(partial: Partial, measured: np.ndarray, stats: Sequence[str]) -> dict[str, np.ndarray]:
-    """The statistics asked for, plus ``n_cells`` and ``n_measured``; NaN where undefined."""
+    """The statistics asked for, plus ``n_cells`` and ``n_measured``; NaN where undefined.
+
+    Written with ``out=``/``where=`` so that each result is one new array: on an all-genes
+    query (105 groups x 30k genes) the temporaries of the plain expressions cost 0.3 s of
+    page faults in the client.
+    """
     counts = partial.counts
     n_cells = counts.sum(axis=1)
     n_measured = counts @ measured.astype(np.int64)  # (g, E) @ (E, genes)
     out: dict[str, np.ndarray] = {"n_cells": n_cells, "n_measured": n_measured}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nm = n_measured.astype(np.float64)
-        mean = np.where(n_measured > 0, partial.sums / nm, np.nan)
-        if "sum" in stats:
-            out["sum"] = np.where(n_measured > 0, partial.sums, np.nan)
-        if "mean" in stats:
-            out["mean"] = mean
-        if "var" in stats:
-            # Sum of squared deviations from the sums; clipped because rounding can leave -0.
-            ssd = np.maximum(partial.sumsq - partial.sums * mean, 0.0)
-            out["var"] = np.where(n_measured > 1, ssd / (nm - 1.0), np.nan)
-        if "n_expressed" in stats:
-            out["n_expressed"] = partial.nexpr
-        if "frac_expressed" in stats:
-            out["frac_expressed"] = np.where(n_measured > 0, partial.nexpr / nm, np.nan)
+    nm = n_measured.astype(np.float64)
+    some = n_measured > 0
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray, where: np.ndarray) -> np.ndarray:
+        result = np.full(numerator.shape, np.nan)
+        np.divide(numerator, denominator, out=result, where=where)
+        return result
+
+    mean = ratio(partial.sums, nm, some)
+    if "sum" in stats:
+        total = partial.sums.copy()
+        total[~some] = np.nan
+        out["sum"] = total
+    if "mean" in stats:
+        out["mean"] = mean
+    if "var" in stats:
+        # Sum of squared deviations from the sums; clipped because rounding can leave -0.
+        ssd = np.multiply(partial.sums, mean, where=some, out=np.zeros_like(nm))
+        np.subtract(partial.sumsq, ssd, out=ssd)
+        np.maximum(ssd, 0.0, out=ssd)
+        nm -= 1.0  # nm is not needed as such any more
+        out["var"] = ratio(ssd, nm, n_measured > 1)
+        nm += 1.0
+    if "n_expressed" in stats:
+        out["n_expressed"] = partial.nexpr
+    if "frac_expressed" in stats:
+        out["frac_expressed"] = ratio(partial.nexpr, nm, some)
     return out
 
 
