@@ -277,17 +277,13 @@ class H5adSource:
         if self.format != "csr":
             raise RuntimeError("iter_csr_blocks needs a CSR or dense matrix")
         indptr = self.indptr
-        r0 = 0
-        while r0 < stop:
-            if rows_per_block:
-                r1 = min(stop, r0 + rows_per_block)
-            else:
-                target = indptr[r0] + nnz_per_block
-                r1 = int(np.searchsorted(indptr, target, side="right")) - 1
-                r1 = min(stop, max(r1, r0 + 1))
+        if rows_per_block:
+            bounds = [(r0, min(stop, r0 + rows_per_block)) for r0 in range(0, stop, rows_per_block)]
+        else:
+            bounds = _blocks(indptr, stop, nnz_per_block)
+        for r0, r1 in bounds:
             a, b = int(indptr[r0]), int(indptr[r1])
             yield self._checked_csr(r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b))
-            r0 = r1
 
     def read_csr_into(self, indices: np.ndarray, data: np.ndarray, *, nnz_per_block: int = 1 << 23) -> None:
         """All values of a CSR matrix decoded straight into ``indices`` and ``data`` (``nnz`` long), validated.
@@ -297,10 +293,7 @@ class H5adSource:
         if self.format != "csr":
             raise RuntimeError("read_csr_into needs a CSR matrix")
         indptr = self.indptr
-        r0 = 0
-        while r0 < self.n_obs:
-            r1 = int(np.searchsorted(indptr, indptr[r0] + nnz_per_block, side="right")) - 1
-            r1 = min(self.n_obs, max(r1, r0 + 1))
+        for r0, r1 in _blocks(indptr, self.n_obs, nnz_per_block):
             a, b = int(indptr[r0]), int(indptr[r1])
             got_indices, indices_placed = _read_maybe_into(self._indices, a, b, indices[a:b])
             got_data, data_placed = _read_maybe_into(self._data, a, b, data[a:b])
@@ -312,24 +305,19 @@ class H5adSource:
                 data[a:b] = got_data
             if self.on_read is not None:
                 self.on_read(b - a)
-            r0 = r1
 
     def iter_csc_blocks(self, *, nnz_per_block: int = 1 << 23) -> Iterator[CscBlock]:
         """Column blocks of a CSC matrix, validated as they are decoded."""
         if self.format != "csc":
             raise RuntimeError("iter_csc_blocks needs a CSC matrix")
         indptr = self.indptr
-        c0 = 0
-        while c0 < self.n_vars:
-            c1 = int(np.searchsorted(indptr, indptr[c0] + nnz_per_block, side="right")) - 1
-            c1 = min(self.n_vars, max(c1, c0 + 1))
+        for c0, c1 in _blocks(indptr, self.n_vars, nnz_per_block):
             a, b = int(indptr[c0]), int(indptr[c1])
             data, indices = self._data.read(a, b), self._indices.read(a, b)
             self._check_values(data, indices, self.n_obs, f"columns {c0}-{c1}")
             if self.on_read is not None:
                 self.on_read(int(data.size))
             yield CscBlock(c0, c1, indptr[c0 : c1 + 1] - a, indices, data)
-            c0 = c1
 
     def _checked_csr(self, r0: int, r1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> CsrBlock:
         self._check_values(data, indices, self.n_vars, f"rows {r0}-{r1}")
@@ -369,6 +357,16 @@ class H5adSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _blocks(indptr: np.ndarray, stop: int, nnz_per_block: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges of the major axis (rows or columns) up to ``stop``, ~``nnz_per_block`` values each."""
+    r0 = 0
+    while r0 < stop:
+        r1 = int(np.searchsorted(indptr, indptr[r0] + nnz_per_block, side="right")) - 1
+        r1 = min(stop, max(r1, r0 + 1))
+        yield r0, r1
+        r0 = r1
 
 
 def _read_maybe_into(reader: ChunkedReader, start: int, stop: int, out: np.ndarray) -> tuple[np.ndarray, bool]:
