@@ -167,8 +167,7 @@ def _client(args: argparse.Namespace):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .atlas.convert import convert, find_sources
-    from .atlas.location import AtlasLocation
+    from .atlas.convert import convert
 
     kwargs = dict(
         overwrite=args.overwrite,
@@ -178,9 +177,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tmp_dir=args.tmp_dir,
         gene_index=not args.no_gene_index,
     )
-    out = AtlasLocation(args.out)
-    if not out.is_local and find_sources(args.sources):
-        out.check_access(write=True)  # wrong credentials or a missing bucket: say so before converting
     if _remote_client(args):
         with _client(args) as client:
             reports = convert(args.sources, args.out, client=client, **kwargs)

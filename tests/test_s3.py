@@ -389,6 +389,10 @@ def test_wrong_credentials_are_one_clear_error(s3_server, s3_atlases, files, tmp
     r = _cli("convert", files["SRPT00004"], "--out", f"s3://{s3_atlases['bucket']}/other", env=env)
     _one_line_error(r, "access denied")
     assert "converted" not in r.stdout  # the preflight stops it before any file is read
+    # the API checks the same before starting anything
+    options = s3_server.storage_options(secret="not-the-right-one")
+    with pytest.raises(StorageAccessError, match="access denied"):
+        bd.convert(files["SRPT00004"], f"s3://{s3_atlases['bucket']}/other", storage_options=options, workers=1)
     assert time.monotonic() - t0 < 60
 
 

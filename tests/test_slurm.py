@@ -143,9 +143,10 @@ def test_sbatch_script_converts_and_queries(slurm, files, atlas_dir, tmp_path):
         ("slurm", "#SBATCH", ["#SBATCH -J bgee-dask-worker", "#SBATCH --mem=4G", "#SBATCH -t 01:00:00"]),
         ("pbs", "#PBS", ["#PBS -N bgee-dask-worker", "#PBS -l select=1:ncpus=1:mem=", "#PBS -l walltime=01:00:00"]),
         ("sge", "#$", ["#$ -N bgee-dask-worker", "#$ -l h_rt=01:00:00"]),
+        ("lsf", "#BSUB", ["#BSUB -J bgee-dask-worker", "#BSUB -n 1", "#BSUB -W 01:00"]),
     ],
 )
-def test_pbs_and_sge_by_configuration(kind, directive, expected):
+def test_pbs_sge_and_lsf_by_configuration(kind, directive, expected):
     with dask.config.set(load_jobqueue_config(JOBQUEUE_YAML)):
         cluster = make_jobqueue_cluster(kind, interface="lo", queue="bgee-test")
         try:

@@ -329,12 +329,16 @@ def convert(
 
     Files are converted in parallel as Dask tasks: on ``client`` when given, else on the
     current client, else on a local cluster started for the call. Bad files are reported, not
-    raised, and never stop the others.
+    raised, and never stop the others; an object store that cannot be written raises
+    ``StorageAccessError`` before any file is read.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     paths = find_sources(sources)
     loc = AtlasLocation(out, storage_options)
+    if paths and not loc.is_local:
+        # wrong credentials or a missing bucket: one StorageAccessError before any file is read
+        loc.check_access(write=True)
     todo, reports = _plan(paths, overwrite, experiment_id, species)
     kwargs = {
         "overwrite": overwrite,

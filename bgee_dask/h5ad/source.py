@@ -261,6 +261,17 @@ class H5adSource:
         ordered = list(CANONICAL_COLUMNS) + [c for c in obs.columns if c not in CANONICAL_COLUMNS]
         return _compact_strings(obs[ordered])
 
+    def take_obs(self) -> pd.DataFrame:
+        """The canonical obs, handed over: this source keeps no reference to it afterwards.
+
+        A million cells' metadata are several hundred MB of Python objects; the writer sorts
+        and writes them, then lets them go before the matrix streams.
+        """
+        obs, self.obs = self.obs, None
+        if obs is None:
+            raise RuntimeError(f"{self.path}: obs was already taken")
+        return obs
+
     # -- streaming -------------------------------------------------------------------------
     def iter_csr_blocks(
         self, *, nnz_per_block: int = 1 << 23, rows_per_block: int | None = None, stop: int | None = None
