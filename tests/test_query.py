@@ -364,3 +364,40 @@ def test_combine_partials_in_any_tree_equals_a_groupby_sum():
         for field, want in frames.items():
             got = pd.DataFrame(getattr(out, field), index=[str(k) for k in out.keys]).sort_index()
             np.testing.assert_allclose(got.to_numpy(), want.sort_index().to_numpy(), rtol=1e-12)
+
+
+def test_resolve_genes_by_id_and_symbol_among_queried_experiments():
+    """Gene names against hand-worked answers: ids first, then symbols (one symbol may name several ids)."""
+    from types import SimpleNamespace
+
+    from bgee_dask.atlas.catalog import GeneLookup
+    from bgee_dask.query.plan import resolve_genes
+
+    rows = [  # experiment, gene_id, gene_symbol
+        ("a/E1", "ENSG1", "ALPHA"),
+        ("a/E1", "ENSG2", "BETA"),
+        ("a/E1", "ENSG3", None),
+        ("b/E2", "ENSG2", "BETA2"),  # another experiment names ENSG2 differently
+        ("b/E2", "ENSG4", "BETA"),  # BETA also names ENSG4 here
+        ("c/E3", "ENSG5", "ONLY_IN_E3"),
+    ]
+    table = pd.DataFrame(rows, columns=["experiment", "gene_id", "gene_symbol"])
+    table["gene_index"] = table.groupby("experiment").cumcount()
+    table["gene_nnz"] = 1
+    for col in ("experiment", "gene_id", "gene_symbol"):
+        table[col] = table[col].astype("category")
+    catalog = SimpleNamespace(gene_lookup=GeneLookup.from_table(table))
+    e12 = pd.DataFrame({"experiment": ["a/E1", "b/E2"]})
+
+    ids, symbols = resolve_genes(catalog, e12, ["ENSG3", "BETA", "ALPHA", "ENSG2"])
+    assert list(ids) == ["ENSG3", "ENSG2", "ENSG4", "ENSG1"]  # in asked order; BETA -> both ids, sorted
+    assert list(symbols) == [None, "BETA", "BETA", "ALPHA"]  # first symbol in catalog order
+    ids, symbols = resolve_genes(catalog, pd.DataFrame({"experiment": ["b/E2"]}), ["ENSG2"])
+    assert list(ids) == ["ENSG2"] and list(symbols) == ["BETA2"]  # only the queried experiments name it
+    with pytest.raises(KeyError, match="ONLY_IN_E3"):  # known to the atlas, not to the queried experiments
+        resolve_genes(catalog, e12, ["ONLY_IN_E3", "ENSG1"])
+    with pytest.raises(KeyError, match=r"\['ENSG5', 'NOPE'\]"):
+        resolve_genes(catalog, e12, ["ENSG5", "NOPE"])
+    ids, symbols = resolve_genes(catalog, e12, None)  # all genes of the queried experiments
+    assert list(ids) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4"]
+    assert list(symbols) == ["ALPHA", "BETA", None, "BETA"]

@@ -13,6 +13,7 @@ import datetime as _dt
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,13 +134,21 @@ class GeneLookup:
     gene_index: np.ndarray  # per row: the gene's column in its experiment
     gene_nnz: np.ndarray | None  # per row: values stored for the gene
     rows: dict[str, slice]  # experiment key -> its rows
+    symbol_code: np.ndarray | None = None  # per row: position of its symbol in ``symbol_values``, -1 if none
+    symbol_values: np.ndarray | None = None  # distinct symbols
+
+    def rows_of(self, experiments: Sequence[str]) -> np.ndarray:
+        """Row numbers of these experiments, in their order (each experiment's rows in catalog order)."""
+        parts = [np.arange(sl.start, sl.stop) for key in experiments if (sl := self.rows.get(key)) is not None]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     @classmethod
     def from_table(cls, table: pd.DataFrame) -> GeneLookup:
         exp_codes, exp_keys = _codes(table["experiment"])
         # experiments numbered in catalog order (a categorical's categories may be in any order)
         first_row = np.full(len(exp_keys), len(table), dtype=np.int64)
-        np.minimum.at(first_row, exp_codes, np.arange(len(table)))
+        seen, first_at = np.unique(exp_codes, return_index=True)  # (np.minimum.at: 0.1 s on 1.1M rows)
+        first_row[seen] = first_at
         by_appearance = np.argsort(first_row, kind="stable")
         renumber = np.empty(len(exp_keys), dtype=np.int64)
         renumber[by_appearance] = np.arange(len(exp_keys))
@@ -152,7 +161,7 @@ class GeneLookup:
         starts = np.concatenate([[0], cuts]) if len(order) else np.zeros(0, dtype=np.int64)
         stops = np.concatenate([cuts, [len(order)]]) if len(order) else np.zeros(0, dtype=np.int64)
         rows = {str(exp_keys[sorted_exp[a]]): slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
-        symbols = None
+        symbols = sym_codes = sym_values = None
         if "gene_symbol" in table:
             sym_codes, sym_values = _codes(table["gene_symbol"])
             sym_codes = sym_codes[order]
@@ -168,6 +177,8 @@ class GeneLookup:
             gene_index=table["gene_index"].to_numpy()[order].astype(np.int64),
             gene_nnz=table["gene_nnz"].to_numpy()[order].astype(np.int64) if "gene_nnz" in table else None,
             rows=rows,
+            symbol_code=sym_codes,
+            symbol_values=sym_values,
         )
 
 
@@ -178,7 +189,7 @@ def _codes(column: pd.Series, sort: bool = False) -> tuple[np.ndarray, np.ndarra
     into Python strings to factorize them again took 0.3 s, most of planning a selective query.
     """
     if isinstance(column.dtype, pd.CategoricalDtype):
-        codes = np.asarray(column.cat.codes, dtype=np.int64)
+        codes = column.array.codes.astype(np.int64)  # the Categorical's own array (Series.cat.codes is slower)
         values = np.asarray(column.cat.categories.astype(str), dtype=object)
         used = np.zeros(len(values), dtype=bool)
         used[codes[codes >= 0]] = True

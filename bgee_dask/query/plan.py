@@ -86,35 +86,29 @@ def _candidate_runs(catalog: AtlasCatalog, expr: Expr | None) -> pd.DataFrame:
 def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Sequence[str] | None):
     """Output gene ids (and symbols) for the query; unknown names are an error listing them.
 
-    Names are looked up as ids first, then as symbols; only the matching rows of the genes table
-    are touched, so asking for ten genes costs ten lookups, not a pass over every symbol.
+    Names are looked up as ids first, then as symbols, among the queried experiments' genes.
+    Everything runs on the catalog's gene lookup (integer codes), the same one the all-genes
+    path and ``make_plan`` use: no pass over the genes table as strings.
     """
-    if genes is None:  # the union of the experiments' genes, from the indexed table
-        lookup = catalog.gene_lookup
-        used = np.zeros(len(lookup.ids), dtype=bool)
-        for key in experiments["experiment"]:
-            rows = lookup.rows.get(key)
-            if rows is not None:
-                used[lookup.code[rows]] = True
-        ids = pd.Index(lookup.ids[used])
-        symbols = lookup.symbols[used] if lookup.symbols is not None else None
+    lookup = catalog.gene_lookup
+    rows = lookup.rows_of(experiments["experiment"])
+    present = np.zeros(len(lookup.ids), dtype=bool)
+    present[lookup.code[rows]] = True
+    if genes is None:  # the union of the experiments' genes
+        ids = pd.Index(lookup.ids[present])
+        symbols = lookup.symbols[present] if lookup.symbols is not None else None
         return ids, symbols if symbols is not None and pd.notna(symbols).any() else None
     wanted = list(dict.fromkeys(str(g) for g in genes))
-    table = catalog.genes
-    has_symbols = "gene_symbol" in table
-    in_query = table["experiment"].isin(experiments["experiment"])
-
-    def rows_where(column: str, values: Sequence[str]) -> pd.DataFrame:
-        """The queried experiments' rows whose ``column`` is one of ``values``, as plain strings."""
-        sub = table[in_query & table[column].isin(values)]
-        return sub.astype({c: object for c in ("experiment", "gene_id", "gene_symbol") if c in sub})
-
-    by_id = set(rows_where("gene_id", wanted)["gene_id"])
+    by_id = {g for g in wanted if (code := _code_of(lookup.ids, g)) is not None and present[code]}
     missing = [g for g in wanted if g not in by_id]
     sym_to_ids: dict[str, list[str]] = {}
-    if missing and has_symbols:
-        for sym, group in rows_where("gene_symbol", missing).groupby("gene_symbol"):
-            sym_to_ids[str(sym)] = sorted(set(group["gene_id"]))
+    if missing and lookup.symbol_code is not None:
+        position = {str(v): i for i, v in enumerate(lookup.symbol_values)}
+        asked = {position[m]: m for m in missing if m in position}
+        hit = rows[np.isin(lookup.symbol_code[rows], list(asked))] if asked else rows[:0]
+        for sym_code, gene_code in zip(lookup.symbol_code[hit].tolist(), lookup.code[hit].tolist(), strict=True):
+            sym_to_ids.setdefault(asked[sym_code], set()).add(str(lookup.ids[gene_code]))
+        sym_to_ids = {sym: sorted(found) for sym, found in sym_to_ids.items()}
     unknown = [g for g in missing if g not in sym_to_ids]
     if unknown:
         raise KeyError(
@@ -123,12 +117,23 @@ def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Seque
     ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
     ids = pd.Index(list(dict.fromkeys(ordered)))
     symbols_out = None
-    if has_symbols:
-        named = rows_where("gene_id", list(ids)).dropna(subset=["gene_symbol"])
-        if len(named):
-            first = named.drop_duplicates("gene_id").set_index("gene_id")["gene_symbol"]
-            symbols_out = first.reindex(ids).astype(object).to_numpy()
+    if lookup.symbol_code is not None:
+        # each gene's symbol: the first one given among the queried experiments, in catalog order
+        codes = np.asarray([_code_of(lookup.ids, g) for g in ids], dtype=np.int64)
+        named = rows[np.isin(lookup.code[rows], codes) & (lookup.symbol_code[rows] >= 0)]
+        first_code, first_at = np.unique(lookup.code[named], return_index=True)
+        symbol_of = dict(
+            zip(first_code.tolist(), lookup.symbol_values[lookup.symbol_code[named[first_at]]], strict=True)
+        )
+        if symbol_of:
+            symbols_out = np.asarray([symbol_of.get(int(c)) for c in codes], dtype=object)
     return ids, symbols_out
+
+
+def _code_of(sorted_ids: np.ndarray, name: str) -> int | None:
+    """Position of ``name`` in the sorted gene ids, or None."""
+    pos = int(np.searchsorted(sorted_ids, name))
+    return pos if pos < len(sorted_ids) and sorted_ids[pos] == name else None
 
 
 def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | None) -> QueryPlan:
