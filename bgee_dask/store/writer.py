@@ -9,6 +9,7 @@ metadata, so that a store interrupted mid-write never claims to be whole.
 from __future__ import annotations
 
 import asyncio
+import gc
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -23,6 +24,7 @@ from anndata.io import write_elem
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
 from . import scratch
@@ -204,6 +206,10 @@ def write_experiment(
     elements = {"obs": obs, "var": var, **{k: {} for k in ("obsm", "varm", "obsp", "varp", "layers", "uns")}}
     _write_anndata_elements(store, elements)
     del obs, elements
+    # pandas frames hold reference cycles, and a conversion runs with the cyclic collector
+    # paused: collect now, then hand the freed heap back, before the matrix needs its memory.
+    gc.collect()
+    release_free_heap()
     x = root.create_group("X")
 
     # Sizes of data/indices are only known up front for sparse sources; dense ones are counted first.
