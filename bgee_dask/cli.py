@@ -143,6 +143,11 @@ def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _check_cluster_args(args: argparse.Namespace) -> None:
     if args.scheduler and args.cluster:
         raise ValueError("choose one of --scheduler and --cluster")
+    if args.scheduler and args.memory_limit:
+        raise ValueError(
+            "--memory-limit sets the memory of workers bgee-dask starts (locally or with --cluster); "
+            "the workers of a running scheduler keep the limit they were started with"
+        )
     names = ("jobs", "jobqueue_config", "interface", "queue", "cores", "walltime", "worker_timeout")
     batch = [f"--{k.replace('_', '-')}" for k in names]
     used = [flag for flag in batch if getattr(args, flag[2:].replace("-", "_")) is not None]

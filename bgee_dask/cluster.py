@@ -162,6 +162,8 @@ def client_for(
 
     if scheduler and cluster:
         raise ValueError("choose one of --scheduler and --cluster")
+    if scheduler and memory_limit:
+        raise ValueError("memory_limit applies to workers started here, not to a running scheduler's workers")
     if scheduler:
         with Client(scheduler, timeout="30s") as client:
             yield client

@@ -97,6 +97,9 @@ def test_query_plot_is_a_png(small_atlas, tmp_path):
         (["--filter", "celltypeid == 'x'"], "celltypeid"),
         (["--genes", "NOT_A_GENE"], "NOT_A_GENE"),
         (["--stats", "median"], "median"),
+        (["--scheduler", "tcp://127.0.0.1:9", "--memory-limit", "1GB"], "--memory-limit"),  # not silently ignored
+        (["--scheduler", "tcp://127.0.0.1:9", "--cluster", "slurm"], "choose one of"),
+        (["--queue", "short"], "only apply with --cluster"),
     ],
 )
 def test_query_errors_are_one_line(small_atlas, tmp_path, capsys, args, needle):
