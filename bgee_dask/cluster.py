@@ -7,7 +7,7 @@ Job-queue clusters are configured the way dask-jobqueue always is: the ``jobqueu
 of Dask's configuration (``~/.config/dask/jobqueue.yaml``, ``$DASK_CONFIG``, or a file passed as
 ``jobqueue_config`` / ``--jobqueue-config``), then explicit options. bgee-dask only fills in what
 neither sets: :data:`JOBQUEUE_DEFAULTS`, this Python, and a dashboard that listens on the chosen
-interface only. See ``deploy/slurm/jobqueue.yaml`` for a commented example (SLURM, PBS and SGE).
+interface only. See ``deploy/slurm/jobqueue.yaml`` for a commented example (SLURM, PBS, SGE and LSF).
 """
 
 from __future__ import annotations
