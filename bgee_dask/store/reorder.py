@@ -231,10 +231,6 @@ def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:
         thread.join()
 
 
-def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
-    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
-
-
 def _permuted_indptr(indptr: np.ndarray, perm: np.ndarray) -> np.ndarray:
     lengths = np.diff(indptr)[perm]
     out = np.zeros(len(perm) + 1, dtype=np.int64)
