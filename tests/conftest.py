@@ -31,3 +31,25 @@ def bgee_sources(bgee_data: Path) -> dict[str, Path]:
     if len(out) != 10:
         pytest.fail(f"expected 10 shared Bgee files under {bgee_data}, found {sorted(out)}")
     return out
+
+
+#: Four of the shared experiments (human and mouse), small enough for the service tests to convert and query.
+FOUR_EXPERIMENTS = ("SRPT00003", "SRPT00004", "SRPT00005", "SRPT00007")
+#: Human marker genes measured by those experiments.
+MARKER_GENES = ["CD19", "MS4A1", "CD3E", "LYZ"]
+
+
+@pytest.fixture(scope="session")
+def four_files(bgee_sources: dict[str, Path]) -> list[str]:
+    return [str(bgee_sources[k]) for k in FOUR_EXPERIMENTS]
+
+
+@pytest.fixture(scope="session")
+def four_file_atlas(tmp_path_factory: pytest.TempPathFactory, four_files: list[str]) -> Path:
+    """The four files converted locally once per session (read-only for the tests that share it)."""
+    import bgee_dask as bd
+
+    out = tmp_path_factory.mktemp("four-file-atlas") / "atlas"
+    reports = bd.convert(four_files, out, workers=1, progress=False)
+    assert all(r.status == "converted" for r in reports), [r.message for r in reports]
+    return out

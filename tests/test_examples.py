@@ -18,26 +18,23 @@ import pytest
 
 import bgee_dask as bd
 
+from .conftest import MARKER_GENES
 from .test_s3 import _long, check_against_numpy, numpy_reference
 
 pytestmark = pytest.mark.services
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SMALL = ("SRPT00003", "SRPT00004", "SRPT00005", "SRPT00007")
-GENES = ["CD19", "MS4A1", "CD3E", "LYZ"]
+GENES = MARKER_GENES
 
 
 @pytest.fixture(scope="module")
-def files(bgee_sources) -> list[str]:
-    return [str(bgee_sources[k]) for k in SMALL]
+def files(four_files) -> list[str]:
+    return four_files
 
 
 @pytest.fixture(scope="module")
-def reference_atlas(tmp_path_factory, files):
-    out = tmp_path_factory.mktemp("examples-reference")
-    reports = bd.convert(files, out, workers=1, progress=False)
-    assert all(r.status == "converted" for r in reports)
-    return bd.open_atlas(out)
+def reference_atlas(four_file_atlas):
+    return bd.open_atlas(four_file_atlas)
 
 
 def _run(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300):

@@ -197,31 +197,26 @@ def s3_atlases(s3_server, files, dask_cluster_procs):
     """
     bucket = s3_server.make_bucket(f"atlas-{uuid.uuid4().hex[:8]}")
     url = f"s3://{bucket}/atlas"
-    r = _cli(
-        "convert",
-        *[files[k] for k in SMALL],
-        "--out",
-        url,
-        "--scheduler",
-        dask_cluster_procs.address,
-        "--no-progress",
-        env=s3_server.env(),
-    )
-    assert r.returncode == 0, r.stderr
+
+    def convert_on_cluster(names):
+        r = _cli(
+            "convert",
+            *[files[k] for k in names],
+            "--out",
+            url,
+            "--scheduler",
+            dask_cluster_procs.address,
+            "--no-progress",
+            env=s3_server.env(),
+        )
+        assert r.returncode == 0, r.stderr
+        return r
+
+    r = convert_on_cluster(SMALL)
     assert r.stderr.count("\n") >= 1 and "3 converted, 0 skipped, 0 failed" in r.stderr
     fs = s3_server.filesystem()
     fs.copy(f"{bucket}/atlas", f"{bucket}/atlas3", recursive=True)
-    r = _cli(
-        "convert",
-        *[files[k] for k in ALL],
-        "--out",
-        url,
-        "--scheduler",
-        dask_cluster_procs.address,
-        "--no-progress",
-        env=s3_server.env(),
-    )
-    assert r.returncode == 0, r.stderr
+    r = convert_on_cluster(ALL)
     assert "4 converted, 3 skipped, 0 failed" in r.stderr, r.stderr
     return {"bucket": bucket, "atlas": url, "atlas3": f"s3://{bucket}/atlas3"}
 

@@ -21,6 +21,7 @@ import pytest
 import bgee_dask as bd
 from bgee_dask.cluster import client_for, load_jobqueue_config, make_jobqueue_cluster
 
+from .conftest import MARKER_GENES
 from .test_s3 import _long, assert_same_result, check_against_numpy, numpy_reference
 
 pytestmark = pytest.mark.services
@@ -28,21 +29,17 @@ pytestmark = pytest.mark.services
 REPO = Path(__file__).resolve().parents[1]
 JOBQUEUE_YAML = REPO / "deploy" / "slurm" / "jobqueue.yaml"
 SBATCH = REPO / "deploy" / "slurm" / "bgee-dask.sbatch"
-SMALL = ("SRPT00003", "SRPT00004", "SRPT00005", "SRPT00007")
-GENES = ["CD19", "MS4A1", "CD3E", "LYZ"]
+GENES = MARKER_GENES
 
 
 @pytest.fixture(scope="module")
-def files(bgee_sources) -> list[str]:
-    return [str(bgee_sources[k]) for k in SMALL]
+def files(four_files) -> list[str]:
+    return four_files
 
 
 @pytest.fixture(scope="module")
-def atlas_dir(tmp_path_factory, files) -> Path:
-    out = tmp_path_factory.mktemp("slurm-atlas") / "atlas"
-    reports = bd.convert(files, out, workers=1, progress=False)
-    assert all(r.status == "converted" for r in reports)
-    return out
+def atlas_dir(four_file_atlas) -> Path:
+    return four_file_atlas
 
 
 def _jobs_gone(slurm, job_ids: set[str], timeout: float = 60) -> None:
