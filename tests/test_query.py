@@ -295,11 +295,8 @@ def test_distributed_cluster_gives_the_same_numbers(atlas):
         np.testing.assert_array_equal(local[v].values, remote[v].values)
 
 
-@pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "plain"])
-def test_gene_lookup_from_table_matches_pandas(categorical):
-    """The planner's gene lookup against pandas' own grouping of the same table (with unused categories and NaN)."""
-    from bgee_dask.atlas.catalog import GeneLookup
-
+def _genes_table(categorical: bool) -> pd.DataFrame:
+    """A catalog genes table: 3 experiments (not in name order), shared and missing genes, some symbols missing."""
     rng = np.random.default_rng(5)
     ids = np.array([f"ENSG{i:011d}" for i in rng.permutation(40)], dtype=object)
     rows = []
@@ -313,20 +310,118 @@ def test_gene_lookup_from_table_matches_pandas(categorical):
         for col in ("experiment", "gene_id", "gene_symbol"):
             extra = ["UNUSED-1", "UNUSED-0"]  # categories no row uses, as a dictionary may hold
             table[col] = pd.Categorical(table[col], categories=[*extra, *table[col].dropna().unique()[::-1]])
-    lookup = GeneLookup.from_table(table)
+    return table
+
+
+def _assert_lookup_matches_pandas(lookup, table: pd.DataFrame) -> None:
     plain = table.astype({c: object for c in ("experiment", "gene_id", "gene_symbol")})
     want_ids = np.sort(plain["gene_id"].unique())
     np.testing.assert_array_equal(lookup.ids.astype(str), want_ids.astype(str))
-    assert set(lookup.rows) == set(plain["experiment"])
+    assert list(lookup.rows) == list(dict.fromkeys(plain["experiment"]))  # catalog order
     for exp, sl in lookup.rows.items():
         part = plain[plain["experiment"] == exp]
         np.testing.assert_array_equal(lookup.ids[lookup.code[sl]].astype(str), part["gene_id"].to_numpy().astype(str))
         np.testing.assert_array_equal(lookup.gene_index[sl], part["gene_index"].to_numpy())
         np.testing.assert_array_equal(lookup.gene_nnz[sl], part["gene_nnz"].to_numpy())
+        got_symbols = [None if c < 0 else lookup.symbol_values[c] for c in lookup.symbol_code[sl]]
+        assert got_symbols == [None if pd.isna(v) else v for v in part["gene_symbol"]]
     # a gene's symbol is the first one given in catalog order
     first = plain.dropna(subset=["gene_symbol"]).groupby("gene_id", sort=False)["gene_symbol"].first()
     for i, g in enumerate(lookup.ids):
         assert lookup.symbols[i] == first.get(g, None)
+
+
+@pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "plain"])
+def test_gene_lookup_from_table_matches_pandas(categorical):
+    """The planner's gene lookup against pandas' own grouping of the same table (with unused categories and NaN)."""
+    from bgee_dask.atlas.catalog import GeneLookup
+
+    table = _genes_table(categorical)
+    _assert_lookup_matches_pandas(GeneLookup.from_table(table), table)
+
+
+@pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "plain"])
+def test_gene_lookup_from_arrow_and_from_its_file_match_pandas(categorical, tmp_path):
+    """The two other ways planning gets the lookup: Arrow's reading of the parquet table, and the file
+    consolidation writes (read back only for the catalog it was written for)."""
+    import pyarrow.parquet as pq
+
+    from bgee_dask.atlas.catalog import GeneLookup
+
+    table = _genes_table(categorical)
+    table.to_parquet(tmp_path / "genes.parquet", index=False)
+    from_arrow = GeneLookup.from_arrow(pq.read_table(tmp_path / "genes.parquet"))
+    _assert_lookup_matches_pandas(from_arrow, table)
+    payload = GeneLookup.from_table(table).to_arrow_bytes("catalog-1")
+    _assert_lookup_matches_pandas(GeneLookup.from_arrow_bytes(payload, "catalog-1"), table)
+    assert GeneLookup.from_arrow_bytes(payload, "catalog-2") is None  # another consolidation's
+    assert GeneLookup.from_arrow_bytes(payload, None) is None
+
+
+def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
+    """open_atlas + query read the lookup file (not the genes table); a stale or missing file falls back to the
+    table, with the same plan."""
+    import shutil
+
+    from bgee_dask.atlas import catalog as catalog_mod
+    from bgee_dask.atlas.location import AtlasLocation
+
+    root = tmp_path / "atlas"
+    shutil.copytree(atlas.catalog.location.path(), root)
+    loc = AtlasLocation(root)
+    lookup_file = root / catalog_mod.GENE_LOOKUP
+    assert lookup_file.is_file()
+    want = bd.open_atlas(root).query("speciesId == 9606").plan
+
+    read: list[str] = []
+    real_read_bytes = AtlasLocation.read_bytes
+    monkeypatch.setattr(AtlasLocation, "read_bytes", lambda self, rel: read.append(rel) or real_read_bytes(self, rel))
+
+    def plan_after(change) -> object:
+        change()
+        catalog_mod.forget_cached_tables()
+        read.clear()
+        return bd.open_atlas(root).query("speciesId == 9606").plan
+
+    def same(plan) -> None:
+        assert list(plan.gene_ids) == list(want.gene_ids)
+        assert list(plan.gene_symbols) == list(want.gene_symbols)
+        for a, b in zip(plan.gene_maps, want.gene_maps, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(plan.measured, want.measured)
+
+    same(plan_after(lambda: None))
+    assert catalog_mod.GENE_LOOKUP in read and catalog_mod.GENES not in read
+    stale = lookup_file.read_bytes()
+    catalog_mod.consolidate(loc)  # a new catalog_id ...
+    same(plan_after(lambda: lookup_file.write_bytes(stale)))  # ... and the previous lookup file
+    assert catalog_mod.GENES in read
+    same(plan_after(lookup_file.unlink))  # an atlas consolidated before the file existed
+    assert catalog_mod.GENES in read
+
+
+def test_query_preload_readies_workers_before_any_task():
+    """Workers started with the preload have the block kernels loaded before any query runs."""
+    from distributed import Client, LocalCluster
+
+    from bgee_dask._runtime import QUERY_PRELOAD
+
+    def kernels_loaded() -> list[int]:
+        import sys
+
+        blocks = sys.modules.get("bgee_dask.query.blocks")
+        if blocks is None:
+            return []
+        return [len(blocks.grouped_moments.signatures), len(blocks.grouped_moments_by_gene.signatures)]
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        assert list(client.run(kernels_loaded).values()) == [[]]
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, preload=[QUERY_PRELOAD]
+    )
+    with cluster, Client(cluster) as client:
+        assert list(client.run(kernels_loaded).values()) == [[2, 2]]  # float32 and float64 values
 
 
 def test_combine_partials_in_any_tree_equals_a_groupby_sum():

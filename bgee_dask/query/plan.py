@@ -90,14 +90,22 @@ def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Seque
     Everything runs on the catalog's gene lookup (integer codes), the same one the all-genes
     path and ``make_plan`` use: no pass over the genes table as strings.
     """
+    codes, symbols = resolve_gene_codes(catalog, experiments, genes)
+    return pd.Index(catalog.gene_lookup.ids[codes]), symbols
+
+
+def resolve_gene_codes(
+    catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``resolve_genes`` as positions in the gene lookup's ids (what planning maps columns with)."""
     lookup = catalog.gene_lookup
     rows = lookup.rows_of(experiments["experiment"])
     present = np.zeros(len(lookup.ids), dtype=bool)
     present[lookup.code[rows]] = True
     if genes is None:  # the union of the experiments' genes
-        ids = pd.Index(lookup.ids[present])
-        symbols = lookup.symbols[present] if lookup.symbols is not None else None
-        return ids, symbols if symbols is not None and pd.notna(symbols).any() else None
+        codes = np.flatnonzero(present)
+        symbols = lookup.symbols[codes] if lookup.symbols is not None else None
+        return codes, symbols if symbols is not None and pd.notna(symbols).any() else None
     wanted = list(dict.fromkeys(str(g) for g in genes))
     by_id = {g for g in wanted if (code := _code_of(lookup.ids, g)) is not None and present[code]}
     missing = [g for g in wanted if g not in by_id]
@@ -115,11 +123,10 @@ def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Seque
             f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
         )
     ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
-    ids = pd.Index(list(dict.fromkeys(ordered)))
+    codes = np.asarray([_code_of(lookup.ids, g) for g in dict.fromkeys(ordered)], dtype=np.int64)
     symbols_out = None
     if lookup.symbol_code is not None:
         # each gene's symbol: the first one given among the queried experiments, in catalog order
-        codes = np.asarray([_code_of(lookup.ids, g) for g in ids], dtype=np.int64)
         named = rows[np.isin(lookup.code[rows], codes) & (lookup.symbol_code[rows] >= 0)]
         first_code, first_at = np.unique(lookup.code[named], return_index=True)
         symbol_of = dict(
@@ -127,7 +134,7 @@ def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Seque
         )
         if symbol_of:
             symbols_out = np.asarray([symbol_of.get(int(c)) for c in codes], dtype=object)
-    return ids, symbols_out
+    return codes, symbols_out
 
 
 def _code_of(sorted_ids: np.ndarray, name: str) -> int | None:
@@ -141,15 +148,12 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
     exps = catalog.experiments
     keep = exps["experiment"].isin(runs["experiment"].unique()) if len(runs) else exps["experiment"].isin([])
     experiments = exps[keep].reset_index(drop=True)
-    gene_ids, gene_symbols = resolve_genes(catalog, experiments if len(experiments) else exps, genes)
+    gene_codes, gene_symbols = resolve_gene_codes(catalog, experiments if len(experiments) else exps, genes)
     lookup = catalog.gene_lookup
+    gene_ids = pd.Index(lookup.ids[gene_codes])
     # output column of every gene id of the catalog (-1: not asked for)
     column_of_code = np.full(len(lookup.ids), -1, dtype=np.int64)
-    if len(gene_ids) and len(lookup.ids):
-        wanted = np.asarray(gene_ids, dtype=object)
-        codes = np.searchsorted(lookup.ids, wanted).clip(max=len(lookup.ids) - 1)
-        found = lookup.ids[codes] == wanted
-        column_of_code[codes[found]] = np.flatnonzero(found)
+    column_of_code[gene_codes] = np.arange(len(gene_codes))
     runs_by_exp = dict(iter(runs.groupby("experiment", sort=False, observed=True)))
     no_rows = slice(0, 0)
     gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
