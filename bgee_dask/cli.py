@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._runtime import QUERY_PRELOAD
 from ._version import __version__
 
 EXIT_PARTIAL = 1
@@ -162,10 +163,10 @@ def _remote_client(args: argparse.Namespace) -> bool:
 
 
 @contextlib.contextmanager
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, preload: tuple[str, ...] = ()):
     from .cluster import client_for
 
-    with client_for(**_cluster_kwargs(args)) as client:
+    with client_for(**_cluster_kwargs(args), preload=preload) as client:
         if args.cluster:
             print(f"{args.cluster} cluster: dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
@@ -248,7 +249,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
 
     if _remote_client(args) or args.workers:
-        with _client(args) as client:
+        with _client(args, preload=(QUERY_PRELOAD,)) as client:
             ds = run(client)
     else:
         ds = run(None)

@@ -17,7 +17,7 @@ import functools
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 #: Per-job defaults for job-queue clusters: one worker process with one core and 4 GB per job suits
@@ -149,8 +149,12 @@ def client_for(
     jobqueue_options: dict[str, Any] | None = None,
     jobqueue_config: str | os.PathLike | None = None,
     worker_timeout: float | None = None,
+    preload: Sequence[str] = (),
 ) -> Iterator[Any]:
     """A client for the chosen place, closed (and its batch jobs cancelled) on exit.
+
+    ``preload``: Dask preload modules for the workers started here (local processes or batch
+    jobs), e.g. ``bgee_dask.query.preload``; a running scheduler's workers are its own.
 
     ``scheduler``: a running scheduler's address. ``cluster`` (``slurm``, ``pbs``, ``sge``, ``lsf``):
     start ``jobs`` batch jobs with dask-jobqueue, configured by ``jobqueue_config`` (a jobqueue.yaml),
@@ -174,6 +178,12 @@ def client_for(
         _require_jobqueue()
         settings = load_jobqueue_config(jobqueue_config) if jobqueue_config else {}
         options = dict(jobqueue_options or {})
+        if preload:
+            extra = list(options.get("worker_extra_args") or _config_key(cluster, "worker_extra_args") or [])
+            for module in preload:
+                if module not in extra:
+                    extra += ["--preload", module]
+            options["worker_extra_args"] = extra
         if memory_limit:
             options.setdefault("memory", memory_limit)
         timeout = DEFAULT_WORKER_TIMEOUT if worker_timeout is None else worker_timeout
@@ -204,6 +214,8 @@ def client_for(
         return
     from ._runtime import local_client
 
-    kwargs = {"memory_limit": memory_limit} if memory_limit else {}
+    kwargs: dict[str, Any] = {"memory_limit": memory_limit} if memory_limit else {}
+    if preload:
+        kwargs["preload"] = list(preload)
     with local_client(workers, **kwargs) as client:
         yield client

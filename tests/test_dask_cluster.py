@@ -18,6 +18,7 @@ import threading
 import time
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -281,3 +282,20 @@ def test_fresh_workers_get_ready_while_the_client_plans(dask_cluster_factory, cl
         assert not client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
     print(f"\nplanned in {planned:.2f}s; workers ready {time.monotonic() - t0:.1f}s after the query was created")
     assert len(q.plan.tasks) > 0
+
+
+def test_dask_worker_preload_readies_workers_at_start(dask_cluster_factory, cluster_atlas):
+    """``dask worker --preload bgee_dask.query.preload`` (as deploy/ runs workers): ready before any query,
+    and queries give the same numbers."""
+    from bgee_dask._runtime import QUERY_PRELOAD
+
+    cluster = dask_cluster_factory(
+        n_workers=2, nthreads=1, memory_limit="2GB", nanny=True, extra_worker_args=("--preload", QUERY_PRELOAD)
+    )
+    with cluster.client() as client:
+        states = client.run(_worker_readiness)
+        assert len(states) == 2 and all(s["kernels"] and s["heap_tuned"] for s in states.values()), states
+        got = bd.open_atlas(cluster_atlas).query("sex == 'female'", client=client).aggregate(by="cellTypeId")
+    want = bd.open_atlas(cluster_atlas).query("sex == 'female'").aggregate(by="cellTypeId")
+    for v in ("n_cells", "n_measured", "sum", "var", "n_expressed"):
+        np.testing.assert_array_equal(got[v].values, want[v].values)

@@ -149,6 +149,17 @@ def test_compose_file():
         return [re.search(r":(/[^:]+)(:ro|:rw)?$", v)[1] for v in services[service]["volumes"]]
 
     assert mounts("worker") == ["/data"] and "/data" in mounts("bgee-dask")
+    _assert_query_preload(worker)
+
+
+def _assert_query_preload(args: list[str]) -> None:
+    """Workers are started with the package's preload module, which Dask can load."""
+    import importlib
+
+    from bgee_dask._runtime import QUERY_PRELOAD
+
+    assert args[args.index("--preload") + 1] == QUERY_PRELOAD
+    assert callable(importlib.import_module(QUERY_PRELOAD).dask_setup)
 
 
 def test_kubernetes_manifest():
@@ -166,6 +177,7 @@ def test_kubernetes_manifest():
     for c in (wc, sc, jc):
         assert c["image"].endswith(f"/bgee-dask:{__version__}"), c["image"]
     assert wc["args"][:2] == ["dask", "worker"] and "$(DASK_WORKER_NAME)" in wc["args"]
+    _assert_query_preload(wc["args"])
     assert sc["args"][:2] == ["dask", "scheduler"]
     port = int(sc["args"][sc["args"].index("--port") + 1])
     service_ports = {p["name"]: p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
