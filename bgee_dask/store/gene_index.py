@@ -39,10 +39,6 @@ GENE_INDEX_VERSION = "1.0"
 GENE_BUCKET_NNZ = 1 << 23
 
 
-def gene_index_relpath(store_rel: str) -> str:
-    return store_rel.removesuffix(".zarr") + ".by_gene.zarr"
-
-
 class GeneIndexBuilder:
     """A ``RowSink`` that writes the gene-major copy; call ``close`` after the stream ends."""
 

@@ -73,6 +73,11 @@ def store_relpath(species: str, experiment_id: str) -> str:
     return f"{species}/{experiment_id}.zarr"
 
 
+def gene_index_relpath(store_rel: str) -> str:
+    """Where an experiment's gene-major copy lives, beside its store."""
+    return store_rel.removesuffix(".zarr") + ".by_gene.zarr"
+
+
 def create_values_array(group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC):
     """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above."""
     return group.create_array(
