@@ -734,7 +734,7 @@ def choose_queries(atlas_path: str) -> dict[str, Any]:
     types = runs.groupby("cellTypeId", observed=True)["n"].sum().sort_values(ascending=False)
     genes = cat.genes
     n_exp = genes["experiment"].nunique()
-    per_gene = genes.groupby("gene_id").agg(n_exp=("experiment", "nunique"), nnz=("gene_nnz", "sum"))
+    per_gene = genes.groupby("gene_id", observed=True).agg(n_exp=("experiment", "nunique"), nnz=("gene_nnz", "sum"))
     everywhere = per_gene[per_gene["n_exp"] == n_exp].sort_values("nnz", ascending=False)
     picks = np.linspace(0, min(len(everywhere), 1000) - 1, 10).round().astype(int)
     slice_genes = [str(g) for g in everywhere.index[picks]]
