@@ -193,7 +193,4 @@ def extract_block(
 
 
 def obs_names_block(loc: AtlasLocation, task: BlockTask, rows: np.ndarray) -> np.ndarray:
-    store = open_store(loc, task.store)
-    obs = store.group["obs"]
-    key = obs.attrs.get("_index", "_index")
-    return np.asarray(obs[key][task.r0 : task.r1])[rows]
+    return open_store(loc, task.store).obs_names(task.r0, task.r1)[rows]

@@ -17,7 +17,7 @@ import pandas as pd
 import zarr
 
 from .layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
-from .shard_reader import ShardedArrayReader
+from .shard_reader import ChunkedArrayReader, ShardedArrayReader
 
 
 class ExperimentStore:
@@ -43,6 +43,9 @@ class ExperimentStore:
         self._data = ShardedArrayReader(x["data"])
         self._categories: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        consolidated = self.group.metadata.consolidated_metadata
+        self._nodes = dict(consolidated.flattened_metadata) if consolidated is not None else {}
+        self._readers: dict[str, ChunkedArrayReader | None] = {}
 
     @property
     def requests(self) -> int:
@@ -58,36 +61,64 @@ class ExperimentStore:
         a, b = int(indptr[0]), int(indptr[-1])
         return indptr - a, self._indices.read(a, b), self._data.read(a, b)
 
+    def _attrs(self, path: str) -> dict:
+        node = self._nodes.get(path)
+        return dict(node.attributes) if node is not None else dict(self.group[path].attrs)
+
+    def _has(self, path: str) -> bool:
+        return path in self._nodes if self._nodes else path in self.group
+
+    def _read(self, path: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of a 1-D array: straight from the store when its layout allows, else through zarr."""
+        with self._lock:
+            if path not in self._readers:
+                meta = self._nodes.get(path)
+                self._readers[path] = ChunkedArrayReader.for_array(self.group.store, path, meta) if meta else None
+            reader = self._readers[path]
+        if reader is None:
+            return self.group[path][r0:r1]
+        return reader.read(r0, r1)
+
     def obs_column(self, name: str, r0: int, r1: int) -> pd.Series:
         """Rows ``[r0, r1)`` of an obs column; categoricals keep their full category list."""
-        obs = self.group["obs"]
-        if name not in obs:
+        path = f"obs/{name}"
+        if not self._has(path):
             raise KeyError(name)
-        node = obs[name]
-        enc = node.attrs.get("encoding-type")
+        enc = self._attrs(path).get("encoding-type")
         if enc == "categorical":
-            cats = self._category_values(name, node)
-            codes = node["codes"][r0:r1]
+            cats = self._category_values(path)
+            codes = self._read(f"{path}/codes", r0, r1)
             return pd.Series(pd.Categorical.from_codes(codes.astype(np.int64), categories=cats))
         if enc in ("nullable-integer", "nullable-boolean"):
-            values = node["values"][r0:r1]
-            mask = node["mask"][r0:r1]
+            values = self._read(f"{path}/values", r0, r1)
+            mask = self._read(f"{path}/mask", r0, r1)
             dtype = "Int64" if enc == "nullable-integer" else "boolean"
             return pd.Series(pd.array(values, dtype=dtype)).mask(mask)
         if enc in ("nullable-string-array",):
-            values = node["values"][r0:r1]
-            mask = node["mask"][r0:r1]
+            values = self._read(f"{path}/values", r0, r1)
+            mask = self._read(f"{path}/mask", r0, r1)
             return pd.Series(pd.array(values, dtype="string")).mask(mask)
-        return pd.Series(node[r0:r1])
+        return pd.Series(self._read(path, r0, r1))
+
+    def obs_names(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of the obs index (the cell names)."""
+        return np.asarray(self._read(f"obs/{self._attrs('obs').get('_index', '_index')}", r0, r1))
 
     def obs_columns(self) -> list[str]:
-        return list(self.group["obs"].attrs.get("column-order", []))
+        return list(self._attrs("obs").get("column-order", []))
 
-    def _category_values(self, name: str, node: zarr.Group) -> pd.Index:
+    def _category_values(self, path: str) -> pd.Index:
         with self._lock:
-            if name not in self._categories:
-                self._categories[name] = pd.Index(node["categories"][:])
-            return self._categories[name]
+            cached = self._categories.get(path)
+        if cached is None:
+            cached = pd.Index(self._read(f"{path}/categories", 0, self._size(f"{path}/categories")))
+            with self._lock:
+                self._categories[path] = cached
+        return cached
+
+    def _size(self, path: str) -> int:
+        node = self._nodes.get(path)
+        return int(node.shape[0]) if node is not None else int(self.group[path].shape[0])
 
     def var_names(self) -> pd.Index:
         var = self.group["var"]
