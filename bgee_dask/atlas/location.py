@@ -269,7 +269,9 @@ class AtlasLocation:
         self.write_bytes(rel, buf.getvalue())
 
     def read_parquet(self, rel: str) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+        # pq.ParquetFile, not pd.read_parquet: the latter goes through pyarrow.dataset, whose import alone
+        # is ~0.02 s of a query's first planning in a process
+        return self.read_arrow(rel).to_pandas()
 
     def read_arrow(self, rel: str, columns: Sequence[str] | None = None) -> pa.Table:
         """A parquet file as an Arrow table (those of ``columns`` it has), in one request."""
