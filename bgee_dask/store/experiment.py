@@ -41,7 +41,7 @@ class ExperimentStore:
         self._indptr = ShardedArrayReader(x["indptr"])
         self._indices = ShardedArrayReader(x["indices"])
         self._data = ShardedArrayReader(x["data"])
-        self._categories: dict[str, np.ndarray] = {}
+        self._categories: dict[str, pd.Index] = {}
         self._lock = threading.Lock()
         consolidated = self.group.metadata.consolidated_metadata
         self._nodes = dict(consolidated.flattened_metadata) if consolidated is not None else {}
