@@ -74,6 +74,20 @@ def test_other_column_kinds_are_left_to_anndata(column):
     pd.testing.assert_frame_equal(read_elem(group["obs"]), df, check_index_type=False)
 
 
+def test_named_index_and_repeated_columns_are_left_to_anndata():
+    named = _frame(5)
+    named.index.name = "cell_id"
+    assert frame_encoding.encode_frame(named, "obs") is None
+    back = read_elem(_store_with({"obs": named})["obs"])
+    pd.testing.assert_frame_equal(back, named, check_index_type=False)
+    assert back.index.name == "cell_id"
+    repeated = _frame(5)
+    repeated.columns = ["x", "x", *repeated.columns[2:]]
+    assert frame_encoding.encode_frame(repeated, "obs") is None
+    with pytest.raises(ValueError, match="repeated column names"):
+        _store_with({"obs": repeated})
+
+
 def test_appended_columns_join_the_frame_in_order():
     df = _frame(70_000)
     store = zarr.storage.MemoryStore()

@@ -109,10 +109,11 @@ def _codes_dtype(n_categories: int) -> np.dtype:
 def encode_frame(frame: pd.DataFrame, prefix: str) -> dict[str, bytes] | None:
     """Store objects of ``frame`` at ``prefix`` in anndata's dataframe encoding, or None if a column
     (or the index) is of a kind only anndata writes: text with missing values, nullable booleans,
-    categories that are not text, dates, ..."""
+    categories that are not text, dates, a named index ..."""
     out = _Objects(prefix)
     index = _plain_strings(frame.index)
-    if index is None or "_index" in frame.columns:
+    # a named index (stored under its name) and repeated column names (an error) are anndata's to handle
+    if index is None or frame.index.name is not None or "_index" in frame.columns or not frame.columns.is_unique:
         return None
     out.group("", {
         "_index": "_index",
