@@ -11,12 +11,12 @@ not understand are read through h5py, which is slower but always correct.
 
 from __future__ import annotations
 
+import zlib
 from concurrent.futures import Executor
 
+import deflate
 import h5py
 import numpy as np
-
-from .inflate import inflate, inflate_into
 
 _DEFLATE = h5py.h5z.FILTER_DEFLATE
 _SHUFFLE = h5py.h5z.FILTER_SHUFFLE
@@ -51,10 +51,8 @@ class ChunkedReader:
 
     def _decode(self, raw: bytes, filter_mask: int) -> np.ndarray:
         itemsize = self.dtype.itemsize
-        if filter_mask & self._deflate_bit:
-            arr = np.frombuffer(raw, dtype=np.uint8)
-        else:
-            arr = inflate(raw, self.chunk * itemsize)
+        buf = raw if filter_mask & self._deflate_bit else _inflate(raw, self.chunk * itemsize)
+        arr = np.frombuffer(buf, dtype=np.uint8)
         if self._shuffle and not filter_mask & self._shuffle_bit:
             arr = arr.reshape(itemsize, -1).T.reshape(-1)
         return arr.view(self.dtype)
@@ -84,18 +82,11 @@ class ChunkedReader:
         first, last = start // self.chunk, (stop - 1) // self.chunk
 
         def place(jobs: list[tuple[int, tuple[int, bytes | None]]]) -> None:
-            for i, item in jobs:
+            for i, raw in jobs:
+                chunk = self._decode_raw(raw)
                 c0 = i * self.chunk
                 lo, hi = max(start, c0), min(stop, c0 + self.chunk)
-                target = out[lo - start : hi - start]
-                if hi - lo == self.chunk and self._inflates_in_place(item):
-                    # a whole chunk, deflate only: inflated straight into the result
-                    n = inflate_into(item[1], target)
-                    if n != target.nbytes:
-                        raise ValueError(f"{self.ds.name}: chunk {i} inflates to {n} bytes, not {target.nbytes}")
-                    continue
-                chunk = self._decode_raw(item)
-                target[:] = chunk[lo - c0 : hi - c0]
+                out[lo - start : hi - start] = chunk[lo - c0 : hi - c0]
 
         # Fetching raw bytes goes through h5py's lock; do it here, decode and place in the pool,
         # a run of chunks per task (one task per ~70 KB chunk spent more in futures than in work).
@@ -121,13 +112,20 @@ class ChunkedReader:
         self.ds.id.chunk_iter(lambda info: stored.add(info.chunk_offset[0] // self.chunk))
         return stored
 
-    def _inflates_in_place(self, item: tuple[int, bytes | None]) -> bool:
-        filter_mask, raw = item
-        shuffled = self._shuffle and not filter_mask & self._shuffle_bit
-        return raw is not None and not filter_mask & self._deflate_bit and not shuffled
-
     def _decode_raw(self, item: tuple[int, bytes | None]) -> np.ndarray:
         filter_mask, raw = item
         if raw is None:
             return np.full(self.chunk, self.ds.fillvalue, dtype=self.dtype)
         return self._decode(raw, filter_mask)
+
+
+def _inflate(raw: bytes, size: int) -> bytes | bytearray:
+    """A chunk's bytes; HDF5 chunks inflate to at most ``size`` bytes.
+
+    A stream libdeflate rejects goes to zlib, whose error message says what is wrong with it
+    (or which decodes it, should libdeflate be stricter than zlib about some valid stream).
+    """
+    try:
+        return deflate.zlib_decompress(raw, size)
+    except deflate.DeflateError:
+        return zlib.decompress(raw)
