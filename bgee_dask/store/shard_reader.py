@@ -46,6 +46,25 @@ def read_local_range(path: os.PathLike, byte_range: RangeByteRequest | SuffixByt
         os.close(fd)
 
 
+def fetch(
+    store: zarr.abc.store.Store, requests: list[tuple[str, RangeByteRequest | SuffixByteRequest | None]]
+) -> list[bytes | None]:
+    """Objects (or byte ranges of them) of a store, None for those that do not exist.
+
+    A local store's files are read here directly: through zarr each read is two thread hand-offs
+    (its event loop, then a file-reading thread), ~1 ms apiece on a busy worker. Other stores get
+    all the requests in one round trip to zarr's event loop, which issues them concurrently.
+    """
+    if isinstance(store, LocalStore):
+        return [read_local_range(store.root / key, byte_range) for key, byte_range in requests]
+
+    async def all_of_them() -> list:
+        prototype = default_buffer_prototype()
+        return list(await asyncio.gather(*(store.get(k, prototype, byte_range=r) for k, r in requests)))
+
+    return [None if b is None else b.to_bytes() for b in sync(all_of_them())]
+
+
 class ShardedArrayReader:
     """Values ``[a, b)`` of a 1-D sharded array of our own layout."""
 
@@ -63,9 +82,6 @@ class ShardedArrayReader:
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
         self.fill = array.fill_value
         self._store = array.store_path.store
-        # a local store's files are read here directly: through zarr each read is two thread hand-offs
-        # (its event loop, then a file-reading thread), ~1 ms apiece on a busy worker
-        self._local_root = self._store.root if isinstance(self._store, LocalStore) else None
         self._prefix = array.store_path.path
         self._meta = array.metadata
         self._codec = numcodecs.Blosc()
@@ -79,11 +95,7 @@ class ShardedArrayReader:
 
     def _get(self, key: str, byte_range: RangeByteRequest | SuffixByteRequest) -> bytes | None:
         self.requests += 1
-        if self._local_root is not None:
-            raw = read_local_range(self._local_root / key, byte_range)
-        else:
-            buf = sync(self._store.get(key, default_buffer_prototype(), byte_range=byte_range))
-            raw = None if buf is None else buf.to_bytes()
+        (raw,) = fetch(self._store, [(key, byte_range)])
         if raw is not None:
             self.bytes_read += len(raw)
         return raw
@@ -139,16 +151,15 @@ class ShardedArrayReader:
 
 class ChunkedArrayReader:
     """Values ``[a, b)`` of a 1-D, regularly chunked, unsharded array stored as anndata writes obs
-    columns (``bytes`` or ``vlen-utf8``, then ``zstd``), read from the store without zarr's event loop.
+    columns (``bytes`` or ``vlen-utf8``, then ``zstd``), read with ``fetch`` and decoded here.
 
     A query block reads a few obs columns; through zarr's API each is a handful of round trips to
-    zarr's event loop (and, on local disk, to a file-reading thread). ``for_array`` returns None for
-    any other layout, which the caller then reads through zarr.
+    its event loop. ``for_array`` returns None for any other layout, which the caller then reads
+    through zarr.
     """
 
     def __init__(self, store: zarr.abc.store.Store, path: str, meta: ArrayV3Metadata, text: bool, dtype: np.dtype):
         self._store, self._path, self._meta = store, path, meta
-        self._local_root = store.root if isinstance(store, LocalStore) else None
         self.size = int(meta.shape[0])
         self.chunk = int(meta.chunk_grid.chunk_shape[0])
         self.text, self.dtype, self.fill = text, dtype, meta.fill_value
@@ -178,23 +189,13 @@ class ChunkedArrayReader:
     def _key(self, i: int) -> str:
         return f"{self._path}/{self._meta.encode_chunk_key((i,))}"
 
-    def _fetch(self, keys: list[str]) -> list[bytes | None]:
-        if self._local_root is not None:
-            return [read_local_range(self._local_root / k, None) for k in keys]
-
-        async def all_of_them() -> list:
-            prototype = default_buffer_prototype()
-            return list(await asyncio.gather(*(self._store.get(k, prototype) for k in keys)))
-
-        return [None if b is None else b.to_bytes() for b in sync(all_of_them())]
-
     def read(self, start: int, stop: int) -> np.ndarray:
         start, stop = max(0, int(start)), min(self.size, int(stop))
         native = self.dtype if self.text else self.dtype.newbyteorder("=")
         if stop <= start:
             return np.empty(0, dtype=native)
         first, last = start // self.chunk, (stop - 1) // self.chunk
-        raws = self._fetch([self._key(i) for i in range(first, last + 1)])
+        raws = fetch(self._store, [(self._key(i), None) for i in range(first, last + 1)])
         pieces = []
         for i, raw in zip(range(first, last + 1), raws, strict=True):
             if raw is None:  # never written: the fill value
