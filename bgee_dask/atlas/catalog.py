@@ -141,13 +141,23 @@ class GeneLookup:
     """
 
     ids: np.ndarray  # sorted unique gene ids
-    symbols: np.ndarray | None  # a symbol per id (None where unknown), or None without symbols
     code: np.ndarray  # per row: position of its gene id in ``ids``
     gene_index: np.ndarray  # per row: the gene's column in its experiment
     gene_nnz: np.ndarray | None  # per row: values stored for the gene
     rows: dict[str, slice]  # experiment key -> its rows
     symbol_code: np.ndarray | None = None  # per row: position of its symbol in ``symbol_values``, -1 if none
     symbol_values: np.ndarray | None = None  # distinct symbols
+    symbol_of_id: np.ndarray | None = None  # per id: its symbol in ``symbol_values`` (the first given), -1 if none
+
+    @property
+    def symbols(self) -> np.ndarray | None:
+        """A symbol per id (None where unknown), or None for an atlas without symbols."""
+        if self.symbol_of_id is None:
+            return None
+        out = np.full(len(self.ids), None, dtype=object)
+        known = self.symbol_of_id >= 0
+        out[known] = self.symbol_values[self.symbol_of_id[known]]
+        return out
 
     def rows_of(self, experiments: Sequence[str]) -> np.ndarray:
         """Row numbers of these experiments, in their order (each experiment's rows in catalog order)."""
@@ -189,10 +199,6 @@ class GeneLookup:
         genes table sorts and groups every row (0.1-0.3 s for 660k rows in a fresh process).
         """
         keys = list(self.rows)
-        symbol_of = None
-        if self.symbols is not None:
-            position = {str(v): i for i, v in enumerate(self.symbol_values)}
-            symbol_of = np.asarray([position.get(v, -1) if v is not None else -1 for v in self.symbols], np.int32)
         columns = {
             "ids": pa.array([self.ids.tolist()], pa.list_(pa.string())),
             "code": pa.array([self.code.astype(np.int32)], pa.list_(pa.int32())),
@@ -205,10 +211,10 @@ class GeneLookup:
             wide = self.gene_nnz.size and int(self.gene_nnz.max()) > np.iinfo(np.int32).max
             kind = pa.int64() if wide else pa.int32()
             columns["gene_nnz"] = pa.array([self.gene_nnz.astype(kind.to_pandas_dtype())], pa.list_(kind))
-        if symbol_of is not None:
+        if self.symbol_of_id is not None:
             columns["symbol_values"] = pa.array([self.symbol_values.tolist()], pa.list_(pa.string()))
             columns["symbol_code"] = pa.array([self.symbol_code.astype(np.int32)], pa.list_(pa.int32()))
-            columns["symbol_of_id"] = pa.array([symbol_of], pa.list_(pa.int32()))
+            columns["symbol_of_id"] = pa.array([self.symbol_of_id.astype(np.int32)], pa.list_(pa.int32()))
         meta = {"format": GENE_LOOKUP_FORMAT, "format_version": GENE_LOOKUP_VERSION, "catalog_id": catalog_id}
         table = pa.table(columns).replace_schema_metadata(meta)
         sink = pa.BufferOutputStream()
@@ -235,23 +241,16 @@ class GeneLookup:
 
         keys = values("experiments", strings=True)
         starts, stops = values("row_start"), values("row_stop")
-        ids = values("ids", strings=True)
-        symbol_values = values("symbol_values", strings=True)
-        symbols = None
-        if symbol_values is not None:
-            symbol_of = values("symbol_of_id").astype(np.int64)
-            symbols = np.full(len(ids), None, dtype=object)
-            symbols[symbol_of >= 0] = symbol_values[symbol_of[symbol_of >= 0]]
         # int32 arrays as stored, zero-copy and read-only: widening them cost more (fresh pages) than reading
         return cls(
-            ids=ids,
-            symbols=symbols,
+            ids=values("ids", strings=True),
             code=values("code"),
             gene_index=values("gene_index"),
             gene_nnz=values("gene_nnz"),
             rows={str(k): slice(int(a), int(b)) for k, a, b in zip(keys, starts, stops, strict=True)},
             symbol_code=values("symbol_code"),
-            symbol_values=symbol_values,
+            symbol_values=values("symbol_values", strings=True),
+            symbol_of_id=values("symbol_of_id"),
         )
 
     @classmethod
@@ -282,24 +281,24 @@ class GeneLookup:
         starts = np.concatenate([[0], cuts]) if n_rows else np.zeros(0, dtype=np.int64)
         stops = np.concatenate([cuts, [n_rows]]) if n_rows else np.zeros(0, dtype=np.int64)
         rows = {str(exp_keys[sorted_exp[a]]): slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
-        symbols = sym_codes = sym_values = None
+        sym_codes = sym_values = symbol_of_id = None
         if gene_symbol is not None:
             sym_codes, sym_values = gene_symbol
             sym_codes = sym_codes[order]
-            symbols = np.full(len(ids), None, dtype=object)
+            symbol_of_id = np.full(len(ids), -1, dtype=np.int64)
             known = sym_codes >= 0
             # the first experiment (in catalog order) that names a gene gives its symbol
             codes_known, first = np.unique(gene_codes[known], return_index=True)
-            symbols[codes_known] = sym_values[sym_codes[known][first]]
+            symbol_of_id[codes_known] = sym_codes[known][first]
         return cls(
             ids=ids,
-            symbols=symbols,
             code=gene_codes,
             gene_index=np.asarray(gene_index)[order].astype(np.int64),
             gene_nnz=np.asarray(gene_nnz)[order].astype(np.int64) if gene_nnz is not None else None,
             rows=rows,
             symbol_code=sym_codes,
             symbol_values=sym_values,
+            symbol_of_id=symbol_of_id,
         )
 
 
@@ -423,8 +422,6 @@ class AtlasCatalog:
             lookup = GeneLookup.from_arrow_bytes(payload, self.header.get("catalog_id"))
             if lookup is not None:
                 return lookup
-        if "genes" in self._tables:
-            return GeneLookup.from_table(self._tables["genes"])
         # planning needs the codes, not the strings: no pandas frame of 660k rows
         return GeneLookup.from_arrow(loc.read_arrow(GENES, GENE_LOOKUP_COLUMNS))
 

@@ -104,8 +104,9 @@ def resolve_gene_codes(
     present[lookup.code[rows]] = True
     if genes is None:  # the union of the experiments' genes
         codes = np.flatnonzero(present)
-        symbols = lookup.symbols[codes] if lookup.symbols is not None else None
-        return codes, symbols if symbols is not None and pd.notna(symbols).any() else None
+        if lookup.symbol_of_id is None or not (lookup.symbol_of_id[codes] >= 0).any():
+            return codes, None
+        return codes, lookup.symbols[codes]
     wanted = list(dict.fromkeys(str(g) for g in genes))
     by_id = {g for g in wanted if (code := _code_of(lookup.ids, g)) is not None and present[code]}
     missing = [g for g in wanted if g not in by_id]
