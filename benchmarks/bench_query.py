@@ -233,9 +233,9 @@ def child_bgee(args: dict[str, Any]) -> dict[str, Any]:
     if args["mode"] == "cluster":
         t = time.perf_counter()
         # workers started as deploy/ starts them: with the preload that loads the query kernels
-        from bgee_dask._runtime import QUERY_PRELOAD
+        from bgee_dask.query.preload import PRELOAD_MODULE
 
-        cluster, client = _start_cluster(BGEE_MEMORY_LIMIT, preload=[QUERY_PRELOAD])
+        cluster, client = _start_cluster(BGEE_MEMORY_LIMIT, preload=[PRELOAD_MODULE])
         out["cluster_start_s"] = time.perf_counter() - t
         poller = WorkerRss(client)
         base = poller.sample()

@@ -20,10 +20,6 @@ def current_client() -> Any | None:
         return None
 
 
-#: The preload module that readies Dask workers for query blocks (see ``bgee_dask.query.preload``).
-QUERY_PRELOAD = "bgee_dask.query.preload"
-
-
 @contextlib.contextmanager
 def local_client(n_workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Iterator[Any]:
     """A throw-away local cluster of worker processes, closed on exit (``kwargs``: LocalCluster's, e.g. preload)."""

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._runtime import QUERY_PRELOAD
 from ._version import __version__
+from .query.preload import PRELOAD_MODULE
 
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
@@ -249,7 +249,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
 
     if _remote_client(args) or args.workers:
-        with _client(args, preload=(QUERY_PRELOAD,)) as client:
+        with _client(args, preload=(PRELOAD_MODULE,)) as client:
             ds = run(client)
     else:
         ds = run(None)

@@ -287,10 +287,10 @@ def test_fresh_workers_get_ready_while_the_client_plans(dask_cluster_factory, cl
 def test_dask_worker_preload_readies_workers_at_start(dask_cluster_factory, cluster_atlas):
     """``dask worker --preload bgee_dask.query.preload`` (as deploy/ runs workers): ready before any query,
     and queries give the same numbers."""
-    from bgee_dask._runtime import QUERY_PRELOAD
+    from bgee_dask.query.preload import PRELOAD_MODULE
 
     cluster = dask_cluster_factory(
-        n_workers=2, nthreads=1, memory_limit="2GB", nanny=True, extra_worker_args=("--preload", QUERY_PRELOAD)
+        n_workers=2, nthreads=1, memory_limit="2GB", nanny=True, extra_worker_args=("--preload", PRELOAD_MODULE)
     )
     with cluster.client() as client:
         states = client.run(_worker_readiness)

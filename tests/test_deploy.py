@@ -156,10 +156,10 @@ def _assert_query_preload(args: list[str]) -> None:
     """Workers are started with the package's preload module, which Dask can load."""
     import importlib
 
-    from bgee_dask._runtime import QUERY_PRELOAD
+    from bgee_dask.query.preload import PRELOAD_MODULE
 
-    assert args[args.index("--preload") + 1] == QUERY_PRELOAD
-    assert callable(importlib.import_module(QUERY_PRELOAD).dask_setup)
+    assert args[args.index("--preload") + 1] == PRELOAD_MODULE
+    assert callable(importlib.import_module(PRELOAD_MODULE).dask_setup)
 
 
 def test_kubernetes_manifest():

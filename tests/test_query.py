@@ -404,7 +404,7 @@ def test_query_preload_readies_workers_before_any_task():
     """Workers started with the preload have the block kernels loaded before any query runs."""
     from distributed import Client, LocalCluster
 
-    from bgee_dask._runtime import QUERY_PRELOAD
+    from bgee_dask.query.preload import PRELOAD_MODULE
 
     def kernels_loaded() -> list[int]:
         import sys
@@ -418,7 +418,7 @@ def test_query_preload_readies_workers_before_any_task():
     with cluster, Client(cluster) as client:
         assert list(client.run(kernels_loaded).values()) == [[]]
     cluster = LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, preload=[QUERY_PRELOAD]
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, preload=[PRELOAD_MODULE]
     )
     with cluster, Client(cluster) as client:
         assert list(client.run(kernels_loaded).values()) == [[2, 2]]  # float32 and float64 values

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 import bgee_dask as bd
-from bgee_dask._runtime import QUERY_PRELOAD
 from bgee_dask.cluster import client_for, load_jobqueue_config, make_jobqueue_cluster
+from bgee_dask.query.preload import PRELOAD_MODULE
 
 from .conftest import MARKER_GENES
 from .test_s3 import _long, assert_same_result, check_against_numpy, numpy_reference
@@ -57,7 +57,7 @@ def test_query_on_slurm_workers(slurm, atlas_dir, tmp_path, files):
     atlas = bd.open_atlas(atlas_dir)
     options = {"interface": "lo", "queue": slurm.partition, "log_directory": str(tmp_path / "logs")}
     with client_for(
-        cluster="slurm", jobs=2, memory_limit="2GB", jobqueue_options=options, preload=(QUERY_PRELOAD,)
+        cluster="slurm", jobs=2, memory_limit="2GB", jobqueue_options=options, preload=(PRELOAD_MODULE,)
     ) as client:
         client.wait_for_workers(2, timeout=120)
         on_workers = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
@@ -76,7 +76,7 @@ def test_query_on_slurm_workers(slurm, atlas_dir, tmp_path, files):
         # the jobs' own memory and cores: bgee-dask's defaults, as the job script says
         script = client.cluster.job_script()
     assert "#SBATCH --mem=2G" in script and "#SBATCH --cpus-per-task=1" in script and sys.executable in script
-    assert f"--preload {QUERY_PRELOAD}" in script
+    assert f"--preload {PRELOAD_MODULE}" in script
     check_against_numpy(got, numpy_reference(files[:2], GENES))
     assert_same_result(got, atlas.query("speciesId == 9606", genes=GENES).aggregate(by="cellTypeId"))
     assert_same_result(got_all, atlas.query(flt).aggregate(by=["cellTypeId", "anatEntityId"]))

@@ -19,8 +19,8 @@ from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS
 from . import blocks
 from .filter import Expr, parse_filter
 from .plan import QueryPlan, check_columns, make_plan
+from .preload import prepare_worker_soon
 from .reduction import Partial, check_stats, combine, finalize
-from .warmup import prepare_worker_soon
 
 #: Partials merged per combine task of the tree reduction.
 FAN_IN = 8
