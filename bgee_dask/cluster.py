@@ -95,6 +95,11 @@ def _configured(kind: str, key: str) -> bool:
     return value is not None and value != _packaged_defaults().get(kind, {}).get(key.replace("_", "-"))
 
 
+def _worker_extra_args(kind: str, given: Mapping[str, Any]) -> list[str]:
+    """The worker command's extra arguments: as given, else as Dask's configuration says (a copy to add to)."""
+    return list(given.get("worker_extra_args") or _config_key(kind, "worker_extra_args") or [])
+
+
 def jobqueue_kwargs(kind: str, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for the dask-jobqueue class of ``kind``: explicit ``overrides`` (``None``
     means unset), then what Dask's configuration says (left to dask-jobqueue to read), then ours."""
@@ -116,7 +121,7 @@ def jobqueue_kwargs(kind: str, **overrides: Any) -> dict[str, Any]:
         kwargs["scheduler_options"] = scheduler_options
     if interface == "lo":
         # single-machine queue (a laptop or a CI runner): keep the workers' HTTP servers on loopback
-        extra = list(kwargs.get("worker_extra_args") or _config_key(kind, "worker_extra_args") or [])
+        extra = _worker_extra_args(kind, kwargs)
         if "--dashboard-address" not in extra:
             extra += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
         kwargs["worker_extra_args"] = extra
@@ -179,7 +184,7 @@ def client_for(
         settings = load_jobqueue_config(jobqueue_config) if jobqueue_config else {}
         options = dict(jobqueue_options or {})
         if preload:
-            extra = list(options.get("worker_extra_args") or _config_key(cluster, "worker_extra_args") or [])
+            extra = _worker_extra_args(cluster, options)
             for module in preload:
                 if module not in extra:
                     extra += ["--preload", module]
