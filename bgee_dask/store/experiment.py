@@ -43,8 +43,8 @@ class ExperimentStore:
         self._data = ShardedArrayReader(x["data"])
         self._categories: dict[str, pd.Index] = {}
         self._lock = threading.Lock()
-        consolidated = self.group.metadata.consolidated_metadata
-        self._nodes = dict(consolidated.flattened_metadata) if consolidated is not None else {}
+        # every node's metadata, from the consolidated metadata the group was opened with
+        self._nodes = dict(self.group.metadata.consolidated_metadata.flattened_metadata)
         self._readers: dict[str, ChunkedArrayReader | None] = {}
 
     @property
@@ -62,18 +62,13 @@ class ExperimentStore:
         return indptr - a, self._indices.read(a, b), self._data.read(a, b)
 
     def _attrs(self, path: str) -> dict:
-        node = self._nodes.get(path)
-        return dict(node.attributes) if node is not None else dict(self.group[path].attrs)
-
-    def _has(self, path: str) -> bool:
-        return path in self._nodes if self._nodes else path in self.group
+        return dict(self._nodes[path].attributes)
 
     def _read(self, path: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of a 1-D array: straight from the store when its layout allows, else through zarr."""
         with self._lock:
             if path not in self._readers:
-                meta = self._nodes.get(path)
-                self._readers[path] = ChunkedArrayReader.for_array(self.group.store, path, meta) if meta else None
+                self._readers[path] = ChunkedArrayReader.for_array(self.group.store, path, self._nodes[path])
             reader = self._readers[path]
         if reader is None:
             return self.group[path][r0:r1]
@@ -82,7 +77,7 @@ class ExperimentStore:
     def obs_column(self, name: str, r0: int, r1: int) -> pd.Series:
         """Rows ``[r0, r1)`` of an obs column; categoricals keep their full category list."""
         path = f"obs/{name}"
-        if not self._has(path):
+        if path not in self._nodes:
             raise KeyError(name)
         enc = self._attrs(path).get("encoding-type")
         if enc == "categorical":
@@ -111,14 +106,10 @@ class ExperimentStore:
         with self._lock:
             cached = self._categories.get(path)
         if cached is None:
-            cached = pd.Index(self._read(f"{path}/categories", 0, self._size(f"{path}/categories")))
+            cached = pd.Index(self._read(f"{path}/categories", 0, int(self._nodes[f"{path}/categories"].shape[0])))
             with self._lock:
                 self._categories[path] = cached
         return cached
-
-    def _size(self, path: str) -> int:
-        node = self._nodes.get(path)
-        return int(node.shape[0]) if node is not None else int(self.group[path].shape[0])
 
     def var_names(self) -> pd.Index:
         var = self.group["var"]
