@@ -148,3 +148,27 @@ def test_chunked_reader_equals_zarr(tmp_path, layout):
             got = reader.read(a, b)
             want = want_all[max(0, a) : min(n, max(a, b))]
             assert got.dtype.isnative and got.tolist() == want.tolist(), (path, a, b)
+
+
+def test_compacted_text_with_missing_values_is_written_and_read_back():
+    """Mostly unique text with missing values (anndata refuses nullable strings by default) and other text
+    columns: written, and read back by anndata with the same values."""
+    from bgee_dask.store.writer import _compact
+
+    n = 40
+    source = pd.DataFrame(
+        {
+            "mostly_unique_with_gaps": [f"cell-{i}" if i % 7 else None for i in range(n)],
+            "unique": [f"u{i}" for i in range(n)],
+            "repeated": pd.array(["a", "b"] * (n // 2), dtype="string"),
+            "all_missing": [None] * n,
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    compacted = _compact(source.copy())
+    back = read_elem(_store_with({"obs": compacted})["obs"])
+    for col in source.columns:
+        got = back[col].astype(object).where(back[col].notna(), None).tolist()
+        want = source[col].astype(object).where(source[col].notna(), None).tolist()
+        assert got == want, col
+    assert list(back.index) == list(source.index)

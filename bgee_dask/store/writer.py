@@ -119,7 +119,9 @@ def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np
 def _compact(frame: pd.DataFrame) -> pd.DataFrame:
     """Repeated strings become categoricals, as anndata's own writer does for Bgee files (in place).
 
-    Other text becomes plain strings, the form every anndata version reads back.
+    Other text becomes plain strings, the form every anndata version reads back; mostly unique
+    text with missing values becomes a categorical too (anndata writes nullable string arrays
+    only when told to, and older versions cannot read them).
     """
     out = frame
     if not isinstance(out.index.dtype, np.dtype):
@@ -130,12 +132,11 @@ def _compact(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
             values = s.astype(object).where(s.notna(), None)
-            if values.isna().all() or values.nunique(dropna=True) < max(2, len(values) // 2):
+            missing = values.isna()
+            if missing.any() or values.nunique(dropna=True) < max(2, len(values) // 2):
                 out[col] = pd.Categorical(values)
             else:
-                out[col] = values.astype(str).where(values.notna(), None)
-                if values.isna().any():
-                    out[col] = pd.array(values, dtype="string")
+                out[col] = values.astype(str)
     return out
 
 
