@@ -32,7 +32,6 @@ from ..schema import (
 )
 from . import value_check
 from .chunks import ChunkedReader
-from .value_check import first_problem
 
 #: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
 _CPM_TOLERANCE = 1e-3
@@ -337,7 +336,7 @@ class H5adSource:
         return CsrBlock(r0, r1, indptr, indices, data)
 
     def _check_values(self, data: np.ndarray, indices: np.ndarray, bound: int, where: str) -> None:
-        code, pos = first_problem(data, indices, bound)
+        code, pos = value_check.first_problem(data, indices, bound)
         if code == value_check.OK:
             return
         problem = {
