@@ -370,7 +370,7 @@ def test_sharded_reader_matches_zarr(tmp_path, at_root):
     w = ShardWriter(arr, DEFAULT_CODEC)
     w.append(values)
     w.close()
-    reader = ShardedArrayReader(arr)
+    reader = ShardedArrayReader.of(arr)
     for _ in range(50):
         a = int(rng.integers(0, values.size))
         b = int(rng.integers(a, values.size + 1))
@@ -426,3 +426,46 @@ def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsort
     np.testing.assert_array_equal(indptr, want.indptr)
     np.testing.assert_array_equal(cells, want.indices)  # each gene's cells increasing
     np.testing.assert_array_equal(values, want.data)
+
+
+def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_path, monkeypatch):
+    """Opened from its zarr.json alone: X rows and obs columns equal anndata's reading of the same store;
+    a store that is not ours, incomplete, unconsolidated or missing is a one-line error naming it."""
+    import json
+
+    from bgee_dask.store.experiment import ExperimentStore
+
+    out = _write(_source_file(tmp_path, "csr"), tmp_path / "e.zarr", None, monkeypatch)
+    zarr.consolidate_metadata(zarr.storage.LocalStore(out))
+    ref = ad.read_zarr(out)
+    store = ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e")
+    assert store.shape == ref.shape
+    indptr, indices, data = store.read_rows(100, 400)
+    got = sp.csr_matrix((data, indices, indptr), shape=(300, ref.n_vars))
+    np.testing.assert_array_equal(got.toarray(), ref.X[100:400].toarray())
+    for col in ("cellTypeId", "anatEntityId", "total_counts", "n_genes"):
+        np.testing.assert_array_equal(
+            store.obs_column(col, 50, 600).astype(object).to_numpy(),
+            ref.obs[col].iloc[50:600].astype(object).to_numpy(),
+        )
+    np.testing.assert_array_equal(store.obs_names(0, 700), ref.obs_names.to_numpy())
+    np.testing.assert_array_equal(store.var_names(), ref.var_names)
+
+    root_json = out / "zarr.json"
+    original = json.loads(root_json.read_text())
+
+    def opened_with(change) -> str:
+        doc = json.loads(json.dumps(original))
+        change(doc)
+        root_json.write_text(json.dumps(doc))
+        with pytest.raises((ValueError, FileNotFoundError)) as err:
+            ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e.zarr")
+        return str(err.value)
+
+    assert "incomplete" in opened_with(lambda d: d["attributes"]["bgee_dask"].update(complete=False))
+    assert "not a bgee-dask" in opened_with(lambda d: d["attributes"].pop("bgee_dask"))
+    assert "format 9.0" in opened_with(lambda d: d["attributes"]["bgee_dask"].update(format_version="9.0"))
+    assert "no consolidated metadata" in opened_with(lambda d: d.pop("consolidated_metadata"))
+    root_json.unlink()
+    with pytest.raises(FileNotFoundError, match=r"e\.zarr: no zarr\.json"):
+        ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e.zarr")

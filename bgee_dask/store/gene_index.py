@@ -194,9 +194,9 @@ class GeneIndex:
         if attrs.get("format") != GENE_INDEX_FORMAT or not attrs.get("complete"):
             raise ValueError(f"{name or store}: not a complete bgee-dask gene index")
         self.shape = tuple(attrs["shape"])
-        self._indptr = ShardedArrayReader(group["indptr"])
-        self._indices = ShardedArrayReader(group["indices"])
-        self._data = ShardedArrayReader(group["data"])
+        self._indptr = ShardedArrayReader.of(group["indptr"])
+        self._indices = ShardedArrayReader.of(group["indices"])
+        self._data = ShardedArrayReader.of(group["data"])
 
     @property
     def requests(self) -> int:

@@ -68,26 +68,33 @@ def fetch(
 class ShardedArrayReader:
     """Values ``[a, b)`` of a 1-D sharded array of our own layout."""
 
-    def __init__(self, array: zarr.Array):
-        codecs = array.metadata.codecs
-        if array.ndim != 1 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            raise ValueError(f"{array.path}: not a 1-D sharded array")
+    def __init__(self, store: zarr.abc.store.Store, path: str, meta: object):
+        codecs = getattr(meta, "codecs", ())
+        if not isinstance(meta, ArrayV3Metadata) or len(meta.shape) != 1 or len(codecs) != 1:
+            raise ValueError(f"{path}: not a 1-D sharded array")
+        if not isinstance(codecs[0], ShardingCodec) or not isinstance(meta.chunk_grid, RegularChunkGrid):
+            raise ValueError(f"{path}: not a 1-D sharded array")
         inner = codecs[0].codecs
         if not (len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)):
-            raise ValueError(f"{array.path}: inner codecs {inner} are not bytes+blosc")
-        self.size = int(array.shape[0])
-        self.shard = int(array.shards[0])
-        self.chunk = int(array.chunks[0])
+            raise ValueError(f"{path}: inner codecs {inner} are not bytes+blosc")
+        self.size = int(meta.shape[0])
+        self.shard = int(meta.chunk_grid.chunk_shape[0])
+        self.chunk = int(codecs[0].chunk_shape[0])
         self.per_shard = self.shard // self.chunk
-        self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
-        self.fill = array.fill_value
-        self._store = array.store_path.store
-        self._prefix = array.store_path.path
-        self._meta = array.metadata
+        self.dtype = np.dtype(meta.data_type.to_native_dtype())
+        self.fill = meta.fill_value
+        self._store = store
+        self._prefix = path
+        self._meta = meta
         self._codec = numcodecs.Blosc()
         self._index = functools.lru_cache(maxsize=64)(self._load_index)
         self.requests = 0
         self.bytes_read = 0
+
+    @classmethod
+    def of(cls, array: zarr.Array) -> ShardedArrayReader:
+        """The reader of an open zarr array."""
+        return cls(array.store_path.store, array.store_path.path, array.metadata)
 
     def _key(self, shard: int) -> str:
         chunk_key = self._meta.encode_chunk_key((shard,))
