@@ -347,13 +347,18 @@ def test_gene_lookup_from_arrow_and_from_its_file_match_pandas(categorical, tmp_
     import pyarrow.parquet as pq
 
     from bgee_dask.atlas.catalog import GeneLookup
+    from bgee_dask.atlas.location import AtlasLocation
 
     table = _genes_table(categorical)
     table.to_parquet(tmp_path / "genes.parquet", index=False)
     from_arrow = GeneLookup.from_arrow(pq.read_table(tmp_path / "genes.parquet"))
     _assert_lookup_matches_pandas(from_arrow, table)
-    payload = GeneLookup.from_table(table).to_arrow_bytes("catalog-1")
-    _assert_lookup_matches_pandas(GeneLookup.from_arrow_bytes(payload, "catalog-1"), table)
+    for compression in (None, "zstd", "lz4"):  # local atlases write it uncompressed, object stores zstd
+        payload = GeneLookup.from_table(table).to_arrow_bytes("catalog-1", compression)
+        _assert_lookup_matches_pandas(GeneLookup.from_arrow_bytes(payload, "catalog-1"), table)
+        (tmp_path / "lookup.arrow").write_bytes(payload)  # and memory-mapped, as a local atlas reads it
+        mapped = AtlasLocation(tmp_path).read_buffer("lookup.arrow")
+        _assert_lookup_matches_pandas(GeneLookup.from_arrow_bytes(mapped, "catalog-1"), table)
     assert GeneLookup.from_arrow_bytes(payload, "catalog-2") is None  # another consolidation's
     assert GeneLookup.from_arrow_bytes(payload, None) is None
 
@@ -375,7 +380,9 @@ def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
 
     read: list[str] = []
     real_read_bytes = AtlasLocation.read_bytes
+    real_read_buffer = AtlasLocation.read_buffer
     monkeypatch.setattr(AtlasLocation, "read_bytes", lambda self, rel: read.append(rel) or real_read_bytes(self, rel))
+    monkeypatch.setattr(AtlasLocation, "read_buffer", lambda self, rel: read.append(rel) or real_read_buffer(self, rel))
 
     def plan_after(change) -> object:
         change()

@@ -257,6 +257,13 @@ class AtlasLocation:
         with self._translated():
             return self.fs.cat_file(self.path(rel))  # one GET
 
+    def read_buffer(self, rel: str) -> pa.Buffer:
+        """A whole object as an Arrow buffer: a local file is memory-mapped, not read."""
+        if self.is_local:
+            with pa.memory_map(self.path(rel)) as mapped:
+                return mapped.read_buffer()
+        return pa.py_buffer(self.read_bytes(rel))
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
