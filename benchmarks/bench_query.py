@@ -26,8 +26,9 @@ Contenders:
   ``LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GB")`` whose workers start with
   ``--preload bgee_dask.query.preload`` as in deploy/ (imports and numba kernels loaded at worker
   start, counted in the cluster start, not in the query); "cold" is the first query of a fresh
-  client process (catalog not read yet, no store opened on the workers); a thread polls the
-  workers' RSS with ``client.run`` every 0.1 s. The same query is run a second time in the same
+  client process (catalog not read yet, no store opened on the workers); each worker's peak RSS
+  is its kernel high-water mark (VmHWM), reset before the query and read after it, so that no
+  measuring runs during it. The same query is run a second time in the same
   process ("warm": open stores, shard indexes and the numba kernels already loaded). Also run with
   Dask's threaded scheduler in-process (no cluster).
 * ``scanpy``: ``anndata.read_h5ad`` of every file, ``anndata.concat(join="outer")``, then
@@ -66,7 +67,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,47 +97,41 @@ def _start_cluster(memory_limit: str | int | None, preload: list[str] | None = N
     return cluster, Client(cluster)
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
+def _proc_status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 class WorkerRss:
-    """Polls every worker's RSS with ``client.run`` from a thread; keeps the peak per worker."""
+    """Peak RSS of every worker process over a block of work: the kernel's high-water mark (VmHWM).
 
-    def __init__(self, client, interval: float = 0.1):
-        self.client, self.interval = client, interval
+    The mark is reset (``/proc/PID/clear_refs``) on entry and read on exit, so nothing runs in the
+    workers, the scheduler or the client while the measured query runs. (A poller calling
+    ``client.run`` every 0.1 s shared the event loops and both CPUs with a 0.1 s selective query,
+    which the contenders measured without it did not pay, and it sampled the peak instead of
+    reading it.) LocalCluster workers are processes on this machine, so their /proc is readable.
+    """
+
+    def __init__(self, client):
+        self.pids: dict[str, int] = client.run(os.getpid)
         self.peak: dict[str, int] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, int]:
-        now = self.client.run(_rss)
-        for k, v in now.items():
-            self.peak[k] = max(self.peak.get(k, 0), v)
-        self.samples += 1
-        return now
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.sample()
-            self._stop.wait(self.interval)
+        """Current RSS per worker, bytes."""
+        return {w: 1024 * _proc_status_kb(pid, "VmRSS") for w, pid in self.pids.items()}
 
     def __enter__(self):
+        for pid in self.pids.values():
+            with open(f"/proc/{pid}/clear_refs", "w") as fh:
+                fh.write("5")
         self.peak = {}
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        with contextlib.suppress(Exception):
-            self.sample()
+        self.peak = {w: 1024 * _proc_status_kb(pid, "VmHWM") for w, pid in self.pids.items()}
 
     def peaks_mb(self) -> list[float]:
         return [round(v / 2**20, 1) for _, v in sorted(self.peak.items())]
@@ -246,7 +240,6 @@ def child_bgee(args: dict[str, Any]) -> dict[str, Any]:
             out["work_s"], info = _bgee_run(args, client)
         info["task_profile"] = _task_profile(ts.data, out["work_s"])
         out["worker_peak_rss_mb"] = poller.peaks_mb()
-        out["rss_samples"] = poller.samples
         with poller:
             out["warm_s"], _ = _bgee_run(args, client)
         out["worker_peak_rss_mb_warm"] = poller.peaks_mb()
