@@ -503,3 +503,81 @@ def test_resolve_genes_by_id_and_symbol_among_queried_experiments():
     ids, symbols = resolve_genes(catalog, e12, None)  # all genes of the queried experiments
     assert list(ids) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4"]
     assert list(symbols) == ["ALPHA", "BETA", None, "BETA"]
+
+
+@pytest.mark.parametrize(
+    "flt, by, normalize, decided",
+    [
+        (None, ["cellTypeId", "anatEntityId"], None, "all"),
+        (
+            "cellTypeId in ['CL:0000236', 'CL:0000624'] and libID != 'SRXT010003'",
+            ["libID", "experimentId"],
+            None,
+            "all",
+        ),
+        ("speciesId == 10090", ["anatEntityId"], "log1p_cp10k", "all"),
+        ("SampleId > 3002", ["cellTypeId"], None, "none"),  # SampleId is not a catalog run column
+        (None, ["speciesId"], None, "none"),  # a number column: its keys come from the stores
+        (None, ["cellTypeAuthorAnnotation"], None, "none"),  # not in the catalog
+    ],
+)
+def test_catalog_decided_groups_equal_reading_the_metadata(atlas, reference, monkeypatch, flt, by, normalize, decided):
+    """Tasks whose rows and groups the catalog decides read no obs; the result is identical (same keys, same
+    key types, same numbers) to every task reading its cells' metadata, and matches numpy on the sources."""
+    import xarray as xr
+
+    import bgee_dask.query.query as query_module
+    from bgee_dask.query.plan import run_groups
+
+    pool = atlas.query(flt).plan.gene_ids  # the genes of the experiments the filter may touch
+    genes = sorted(np.random.default_rng(4).choice(np.asarray(pool), size=30, replace=False).tolist())
+    q = atlas.query(flt, genes=genes)
+    block_tasks, gene_tasks = q.plan.aggregation_tasks()
+    spans = [(t.experiment, t.r0, t.r1) for t in [*block_tasks, *gene_tasks]]
+    n_decided = sum(g is not None for g in run_groups(q.plan, spans, by))
+    assert n_decided == (len(spans) if decided == "all" else 0)
+    got = q.aggregate(by=by, stats=STATS, normalize=normalize)
+    monkeypatch.setattr(query_module, "run_groups", lambda plan, spans, by: [None] * len(spans))
+    from_obs = q.aggregate(by=by, stats=STATS, normalize=normalize)
+    xr.testing.assert_identical(got, from_obs)
+    for c in by:
+        assert [type(v) for v in got[c].values] == [type(v) for v in from_obs[c].values]
+    if flt is None:
+        mask = lambda o: np.ones(len(o), bool)  # noqa: E731
+        _check(got, _ref_aggregate(reference, mask, by, genes, normalize=normalize), by)
+
+
+def test_runs_with_missing_group_values_read_the_metadata(tmp_path, monkeypatch):
+    """Blocks whose catalog runs lack a grouping value read their cells' metadata; blocks beside them do not,
+    and together they give what reading every cell's metadata gives, with None as the missing group."""
+    import xarray as xr
+
+    import bgee_dask.query.query as query_module
+    from bgee_dask.query.plan import run_groups
+    from tests import make_inputs as mi
+
+    with_gaps = mi.make_adata(400, 50, seed=31)
+    sex = with_gaps.obs["sex"].astype(object)
+    sex.iloc[:150] = None
+    with_gaps.obs["sex"] = pd.Categorical(sex)
+    full = mi.make_adata(300, 50, seed=32)
+    files = [
+        mi.write(with_gaps, tmp_path / mi.bgee_name("SRPT95001")),
+        mi.write(full, tmp_path / mi.bgee_name("SRPT95002")),
+    ]
+    assert all(r.ok for r in bd.convert(files, tmp_path / "atlas", workers=1, progress=False))
+    q = bd.open_atlas(tmp_path / "atlas").query(None)
+    by = ["sex", "cellTypeId"]
+    block_tasks, gene_tasks = q.plan.aggregation_tasks()
+    decided = run_groups(q.plan, [(t.experiment, t.r0, t.r1) for t in [*block_tasks, *gene_tasks]], by)
+    assert decided[1] is not None and decided[0] is None  # one block per experiment here
+    got = q.aggregate(by=by, stats=STATS, normalize="cp10k")
+    monkeypatch.setattr(query_module, "run_groups", lambda plan, spans, by: [None] * len(spans))
+    xr.testing.assert_identical(got, q.aggregate(by=by, stats=STATS, normalize="cp10k"))
+    both = pd.concat([with_gaps.obs[by], full.obs[by]]).astype(object)
+    want = both.groupby(by, dropna=False).size()
+    have = {(s if isinstance(s, str) else None, c): int(n) for (s, c), n in want.items()}
+    assert {
+        (a, b): int(n)
+        for a, b, n in zip(got["sex"].values, got["cellTypeId"].values, got["n_cells"].values, strict=True)
+    } == have

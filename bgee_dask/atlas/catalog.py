@@ -155,11 +155,16 @@ class GeneLookup:
     @property
     def symbols(self) -> np.ndarray | None:
         """A symbol per id (None where unknown), or None for an atlas without symbols."""
+        return None if self.symbol_of_id is None else self.symbols_of(np.arange(len(self.ids)))
+
+    def symbols_of(self, codes: np.ndarray) -> np.ndarray | None:
+        """The symbols of these ids (None where unknown), or None for an atlas without symbols."""
         if self.symbol_of_id is None:
             return None
-        out = np.full(len(self.ids), None, dtype=object)
-        known = self.symbol_of_id >= 0
-        out[known] = self.symbol_values[self.symbol_of_id[known]]
+        which = self.symbol_of_id[codes]
+        out = np.full(len(which), None, dtype=object)
+        known = which >= 0
+        out[known] = self.symbol_values[which[known]]
         return out
 
     def rows_of(self, experiments: Sequence[str]) -> np.ndarray:

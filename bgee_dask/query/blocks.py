@@ -14,8 +14,9 @@ from ..atlas.location import AtlasLocation
 from ..store.experiment import OPEN_STORES, ExperimentStore
 from ..store.gene_index import GeneIndex
 from .filter import Expr, evaluate
+from .groups import group_codes
 from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows
-from .plan import BlockTask, GeneTask
+from .plan import BlockTask, GeneTask, RunGroups
 from .reduction import Partial
 
 NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P_SCALED}
@@ -60,35 +61,30 @@ def select(
     return rows, frame.iloc[rows][columns].reset_index(drop=True)
 
 
-def _group_codes(frame: pd.DataFrame, by: list[str]) -> tuple[np.ndarray, list[tuple]]:
-    if not by:
-        return np.zeros(len(frame), dtype=np.int32), [()]
-    codes, uniques = [], []
-    for c in by:
-        values = frame[c].astype(object).where(frame[c].notna(), None)
-        code, uniq = pd.factorize(values, use_na_sentinel=False)
-        codes.append(code)
-        uniques.append([None if (u is None or (isinstance(u, float) and np.isnan(u))) else u for u in uniq])
-    stacked = np.stack(codes, axis=1)
-    combos, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    keys = [tuple(_plain(uniques[i][k]) for i, k in enumerate(combo)) for combo in combos]
-    return inverse.reshape(-1).astype(np.int32), keys
+def _selection(loc, task, expr, by, mode, groups: RunGroups | None):
+    """Matching rows of the task's span, their group codes and keys, and per-row scale factors.
 
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _selection(loc, task, expr, by, mode):
-    """Matching rows of the task's span, their group codes and keys, and per-row scale factors."""
-    columns = list(by) + (["total_counts"] if mode != RAW else [])
-    rows, frame = select(loc, task, expr, columns)
+    With ``groups`` (the catalog decided the rows and their groups) no metadata is read, unless
+    normalizing needs the cells' total counts.
+    """
+    if groups is not None:
+        rows, codes = groups.rows_and_codes()
+        keys = groups.keys
+        totals = None
+        if mode != RAW and rows.size:
+            store = open_store(loc, task.store)
+            totals = store.obs_column("total_counts", task.r0, task.r1).to_numpy(dtype=np.float64)[rows]
+    else:
+        columns = list(by) + (["total_counts"] if mode != RAW else [])
+        rows, frame = select(loc, task, expr, columns)
+        if rows.size == 0:
+            return rows, None, [], None
+        codes, keys = group_codes(frame, by)
+        totals = frame["total_counts"].to_numpy(dtype=np.float64) if mode != RAW else None
     if rows.size == 0:
         return rows, None, [], None
-    codes, keys = _group_codes(frame, by)
     scale = np.ones(rows.size, dtype=np.float64)
-    if mode != RAW:
-        totals = frame["total_counts"].to_numpy(dtype=np.float64)
+    if totals is not None:
         with np.errstate(divide="ignore"):
             scale = np.where(totals > 0, 1e4 / totals, 0.0)
     return rows, codes, keys, scale
@@ -120,11 +116,12 @@ def aggregate_genes(
     n_experiments: int,
     n_genes: int,
     normalize: str | None,
+    groups: RunGroups | None = None,
 ) -> Partial:
     """chunk step from the gene-major copy: the requested genes over the experiment's matching cells."""
     mode = NORMALIZE_MODES[normalize]
     span = BlockTask(task.experiment, task.store, task.r0, task.r1)
-    rows, codes, keys, scale = _selection(loc, span, expr, by, mode)
+    rows, codes, keys, scale = _selection(loc, span, expr, by, mode, groups)
     if rows.size == 0:
         return Partial.empty(n_experiments, n_genes)
     row_group = np.full(task.r1 - task.r0, -1, dtype=np.int32)
@@ -151,10 +148,11 @@ def aggregate_block(
     n_experiments: int,
     n_genes: int,
     normalize: str | None,
+    groups: RunGroups | None = None,
 ) -> Partial:
     """chunk step: the block's partial sums for the groups present in it."""
     mode = NORMALIZE_MODES[normalize]
-    rows, codes, keys, scale = _selection(loc, task, expr, by, mode)
+    rows, codes, keys, scale = _selection(loc, task, expr, by, mode, groups)
     if rows.size == 0:
         return Partial.empty(n_experiments, n_genes)
     first, last = int(rows[0]), int(rows[-1]) + 1

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
-from .filter import Expr, evaluate_partial
+from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, evaluate_partial
+from .groups import group_codes
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class QueryPlan:
     gene_maps: list[np.ndarray]  # per experiment: its var position -> output gene column, or -1
     measured: np.ndarray  # (n_experiments, n_genes) bool
     gene_tasks: dict[int, GeneTask]  # experiments whose aggregation reads the gene-major copy instead
+    runs: CandidateRuns
 
     def aggregation_tasks(self) -> tuple[list[BlockTask], list[GeneTask]]:
         """Row-block tasks for the experiments that scan, gene tasks for the others."""
@@ -74,13 +76,46 @@ def check_columns(catalog: AtlasCatalog, columns: Sequence[str], what: str) -> N
         raise KeyError(f"unknown {what} column {detail}")
 
 
-def _candidate_runs(catalog: AtlasCatalog, expr: Expr | None) -> pd.DataFrame:
+@dataclass
+class CandidateRuns:
+    """The catalog runs that may hold matching cells, indexed for planning.
+
+    ``frame`` keeps the catalog's row order; ``order`` sorts it by experiment position in the
+    plan, then row, and ``bounds[e]:bounds[e + 1]`` are experiment ``e``'s runs in that order
+    (disjoint and sorted, as runs are). ``certain`` (in frame order): every cell of the run matches.
+    """
+
+    frame: pd.DataFrame
+    certain: np.ndarray
+    order: np.ndarray
+    bounds: np.ndarray
+    starts: np.ndarray  # row_start in sorted order
+    stops: np.ndarray
+
+
+def _candidate_runs(catalog: AtlasCatalog, expr: Expr | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The runs that may hold matching cells, and which of them certainly match in every cell."""
     runs = catalog.runs
     if expr is None or runs.empty:
-        return runs
+        return runs, np.ones(len(runs), dtype=bool)
     available = set(runs.columns) - {"row_start", "row_stop"}
-    state = evaluate_partial(expr, runs, available)
-    return runs[np.asarray(state) != 0]
+    state = np.asarray(evaluate_partial(expr, runs, available))
+    maybe = state != PARTIAL_FALSE
+    return runs[maybe], state[maybe] == PARTIAL_TRUE
+
+
+def _index_runs(runs: pd.DataFrame, certain: np.ndarray, experiments: pd.DataFrame) -> CandidateRuns:
+    position_of = {key: e for e, key in enumerate(experiments["experiment"])}
+    column = runs["experiment"]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        table = np.asarray([position_of.get(k, -1) for k in column.cat.categories], dtype=np.int64)
+        position = table[column.cat.codes.to_numpy()] if len(table) else np.zeros(0, np.int64)
+    else:
+        position = np.asarray([position_of.get(k, -1) for k in column], dtype=np.int64)
+    starts, stops = runs["row_start"].to_numpy(np.int64), runs["row_stop"].to_numpy(np.int64)
+    order = np.lexsort((starts, position))
+    bounds = np.searchsorted(position[order], np.arange(len(experiments) + 1))
+    return CandidateRuns(runs, certain, order, bounds, starts[order], stops[order])
 
 
 def resolve_genes(catalog: AtlasCatalog, experiments: pd.DataFrame, genes: Sequence[str] | None):
@@ -106,7 +141,7 @@ def resolve_gene_codes(
         codes = np.flatnonzero(present)
         if lookup.symbol_of_id is None or not (lookup.symbol_of_id[codes] >= 0).any():
             return codes, None
-        return codes, lookup.symbols[codes]
+        return codes, lookup.symbols_of(codes)
     wanted = list(dict.fromkeys(str(g) for g in genes))
     by_id = {g for g in wanted if (code := _code_of(lookup.ids, g)) is not None and present[code]}
     missing = [g for g in wanted if g not in by_id]
@@ -145,17 +180,17 @@ def _code_of(sorted_ids: np.ndarray, name: str) -> int | None:
 
 
 def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | None) -> QueryPlan:
-    runs = _candidate_runs(catalog, expr)
+    runs, certain = _candidate_runs(catalog, expr)
     exps = catalog.experiments
     keep = exps["experiment"].isin(runs["experiment"].unique()) if len(runs) else exps["experiment"].isin([])
     experiments = exps[keep].reset_index(drop=True)
+    candidate = _index_runs(runs, certain, experiments)
     gene_codes, gene_symbols = resolve_gene_codes(catalog, experiments if len(experiments) else exps, genes)
     lookup = catalog.gene_lookup
     gene_ids = pd.Index(lookup.ids[gene_codes])
     # output column of every gene id of the catalog (-1: not asked for)
     column_of_code = np.full(len(lookup.ids), -1, dtype=np.int64)
     column_of_code[gene_codes] = np.arange(len(gene_codes))
-    runs_by_exp = dict(iter(runs.groupby("experiment", sort=False, observed=True)))
     no_rows = slice(0, 0)
     gene_maps, measured = [], np.zeros((len(experiments), len(gene_ids)), dtype=bool)
     tasks: list[BlockTask] = []
@@ -170,9 +205,9 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
         gmap[positions] = cols.astype(np.int32)
         measured[e, cols] = True
         gene_maps.append(gmap)
-        r = runs_by_exp[row["experiment"]]
+        mine_runs = slice(candidate.bounds[e], candidate.bounds[e + 1])
         blocks = np.asarray(row["row_blocks"], dtype=np.int64)
-        mine = _block_tasks(int(e), row["store"], r["row_start"].to_numpy(), r["row_stop"].to_numpy(), blocks)
+        mine = _block_tasks(int(e), row["store"], candidate.starts[mine_runs], candidate.stops[mine_runs], blocks)
         tasks.extend(mine)
         if genes is not None and mine and row.get("gene_index") and lookup.gene_nnz is not None:
             # exact sizes from the catalog: values of the requested genes vs values of the blocks touched
@@ -189,7 +224,64 @@ def make_plan(catalog: AtlasCatalog, expr: Expr | None, genes: Sequence[str] | N
                     tuple(int(x) for x in positions),
                     tuple(int(x) for x in cols),
                 )
-    return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured, gene_tasks)
+    return QueryPlan(experiments, tasks, gene_ids, gene_symbols, gene_maps, measured, gene_tasks, candidate)
+
+
+@dataclass(frozen=True)
+class RunGroups:
+    """A task's matching rows and their groups, decided by the catalog: segments of rows relative
+    to the task's ``r0`` (runs of cells sharing their metadata) with a group number each."""
+
+    starts: np.ndarray
+    stops: np.ndarray
+    codes: np.ndarray
+    keys: list[tuple]
+
+    def rows_and_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        lengths = self.stops - self.starts
+        rows = np.repeat(self.stops - lengths.cumsum(), lengths) + np.arange(int(lengths.sum()))
+        return rows, np.repeat(self.codes, lengths).astype(np.int32)
+
+
+def run_groups(plan: QueryPlan, spans: Sequence[tuple[int, int, int]], by: Sequence[str]) -> list[RunGroups | None]:
+    """For each (experiment, r0, r1) span: its matching rows and groups when the catalog alone decides
+    them, else None (its task then reads the cells' metadata).
+
+    The catalog decides when every candidate run in the span certainly matches the filter and has
+    a value for every ``by`` column. Only text columns qualify: a catalog number column may have
+    been widened to float by concatenation, and its keys would then differ in type from the
+    store's. Such a task reads no obs column at all.
+    """
+    out: list[RunGroups | None] = [None] * len(spans)
+    runs, by = plan.runs, list(by)
+    frame = runs.frame
+    if frame.empty or any(c not in frame or not _is_text(frame[c]) for c in by):
+        return out
+    codes, keys = group_codes(frame, by)  # once for all runs; each span renumbers its own
+    decided = runs.certain
+    if by:
+        decided = decided & ~frame[by].isna().to_numpy().any(axis=1)
+    codes, decided = codes[runs.order], decided[runs.order]
+    starts, stops, bounds = runs.starts, runs.stops, runs.bounds
+    for i, (e, r0, r1) in enumerate(spans):
+        a, b = bounds[e], bounds[e + 1]  # an experiment's runs are sorted and disjoint
+        lo = a + int(np.searchsorted(stops[a:b], r0, side="right"))
+        hi = a + int(np.searchsorted(starts[a:b], r1, side="left"))
+        if lo >= hi or not decided[lo:hi].all():
+            continue
+        present, local = np.unique(codes[lo:hi], return_inverse=True)
+        out[i] = RunGroups(
+            np.maximum(starts[lo:hi], r0) - r0,
+            np.minimum(stops[lo:hi], r1) - r0,
+            local.reshape(-1).astype(np.int32),
+            [keys[k] for k in present],
+        )
+    return out
+
+
+def _is_text(column: pd.Series) -> bool:
+    values = column.dtype.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    return pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty")
 
 
 def _values_in_rows(row: pd.Series, spans: list[tuple[int, int]]) -> float:
