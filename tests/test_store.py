@@ -469,3 +469,32 @@ def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_
     root_json.unlink()
     with pytest.raises(FileNotFoundError, match=r"e\.zarr: no zarr\.json"):
         ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e.zarr")
+
+
+def test_index_arrays_use_the_index_codec(tmp_path, monkeypatch):
+    """X/indices and the gene-major cell positions are written with INDEX_CODEC (byte shuffle), values with the
+    default codec; the store says which, and both read back as anndata reads the source."""
+    from bgee_dask.store.layout import INDEX_CODEC
+
+    source = _source_file(tmp_path, "csr")
+    out, genes = tmp_path / "e.zarr", tmp_path / "e.by_gene.zarr"
+    with H5adSource(source) as src:
+        writer.write_experiment(
+            src,
+            zarr.storage.LocalStore(out),
+            provenance={"source_name": source.name},
+            gene_index_store=zarr.storage.LocalStore(genes),
+        )
+    assert INDEX_CODEC.shuffle != DEFAULT_CODEC.shuffle
+    for path, name, want in [
+        (out, "X/indices", INDEX_CODEC),
+        (out, "X/data", DEFAULT_CODEC),
+        (genes, "indices", INDEX_CODEC),
+    ]:
+        inner = zarr.open_array(zarr.storage.LocalStore(path), path=name, mode="r").metadata.codecs[0].codecs[1]
+        assert (inner.cname.value, inner.shuffle.value) == (want.cname, want.shuffle), (path, name)
+    attrs = zarr.open_group(zarr.storage.LocalStore(out), mode="r").attrs["bgee_dask"]
+    assert attrs["index_codec"]["shuffle"] == "shuffle" and attrs["codec"]["shuffle"] == "bitshuffle"
+    stored, ref = ad.read_zarr(out), ad.read_h5ad(source)
+    order = pd.Index(stored.obs_names).get_indexer(ref.obs_names)
+    np.testing.assert_array_equal(stored.X[order].toarray(), mi.expected_counts(ref).toarray())

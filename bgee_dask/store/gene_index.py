@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 
 from .csr_kernels import gene_range_of_rows, order_by_gene, scatter_by_bucket
-from .layout import DEFAULT_CODEC, BloscSettings, create_values_array, write_indptr_array
+from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
 from .scratch import Lease
 from .shard_reader import ShardedArrayReader
@@ -50,6 +50,7 @@ class GeneIndexBuilder:
         dtype: np.dtype,
         *,
         codec: BloscSettings = DEFAULT_CODEC,
+        index_codec: BloscSettings = INDEX_CODEC,
         executor: Executor | None = None,
         spill_dir: str | None = None,
         bucket_nnz: int = GENE_BUCKET_NNZ,
@@ -58,7 +59,7 @@ class GeneIndexBuilder:
         self.store = store
         self.n_cells, self.n_genes = n_cells, n_genes
         self.dtype = np.dtype(dtype)
-        self.codec, self.executor = codec, executor
+        self.codec, self.index_codec, self.executor = codec, index_codec, executor
         self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
         self.bytes_written = 0
         self.scratch = scratch
@@ -107,8 +108,8 @@ class GeneIndexBuilder:
             total = int(self.indptr[-1])
 
             cells_out = ShardWriter(
-                create_values_array(root, "indices", total, np.dtype(np.int32), self.codec),
-                self.codec,
+                create_values_array(root, "indices", total, np.dtype(np.int32), self.index_codec),
+                self.index_codec,
                 self.executor,
                 self.scratch,
             )

@@ -56,6 +56,13 @@ class BloscSettings:
 
 DEFAULT_CODEC = BloscSettings()
 
+#: The codec of the int32 index arrays (X/indices and the gene-major copy's cell positions): byte
+#: shuffle instead of bitshuffle. Measured on 80 MB of generated Bgee-like X/indices and 47 MB of
+#: gene-major positions: decoding 1.5 -> 2.0 GB/s and 2.3 -> 5.6 GB/s, encoding 1.5 -> 2.0 and
+#: 1.2 -> 1.7 GB/s, for 1% more bytes and 4% fewer. For the float values bitshuffle stays better
+#: (ratio 4.25 against 3.79, encoding 1.24 against 0.99 GB/s).
+INDEX_CODEC = BloscSettings(shuffle="shuffle")
+
 
 def row_blocks(indptr: np.ndarray, block_nnz: int = BLOCK_NNZ, max_rows: int = BLOCK_MAX_ROWS) -> np.ndarray:
     """Row boundaries ``[0, ..., n_rows]`` cutting a CSR matrix into blocks of about ``block_nnz`` values."""

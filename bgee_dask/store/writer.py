@@ -36,6 +36,7 @@ from .layout import (
     DEFAULT_CODEC,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_CODEC,
     BloscSettings,
     create_values_array,
     row_blocks,
@@ -215,6 +216,7 @@ def write_experiment(
     provenance: dict[str, Any],
     executor: Executor | None = None,
     codec: BloscSettings = DEFAULT_CODEC,
+    index_codec: BloscSettings = INDEX_CODEC,
     spill_dir: str | None = None,
     in_memory_nnz: int = IN_MEMORY_NNZ,
     gene_index_store: zarr.abc.store.Store | None = None,
@@ -252,9 +254,8 @@ def write_experiment(
 
     with scratch.lease() as working:
         data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
-        indices_writer = ShardWriter(
-            create_values_array(x, "indices", nnz_total, np.dtype(np.int32), codec), codec, executor, working
-        )
+        indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
+        indices_writer = ShardWriter(indices, index_codec, executor, working)
         genes = None
         if gene_index_store is not None:
             genes = GeneIndexBuilder(
@@ -263,6 +264,7 @@ def write_experiment(
                 source.n_vars,
                 out_dtype,
                 codec=codec,
+                index_codec=index_codec,
                 executor=executor,
                 spill_dir=spill_dir,
                 scratch=working,
@@ -308,6 +310,7 @@ def write_experiment(
         "row_blocks": blocks,
         "nnz": result.nnz,
         "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
+        "index_codec": {"cname": index_codec.cname, "clevel": index_codec.clevel, "shuffle": index_codec.shuffle},
         "provenance": provenance,
         "complete": True,
     }
