@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
@@ -126,7 +126,7 @@ class Query:
             (blocks.aggregate_genes, (loc, t, expr, by, n_exp, n_genes, normalize, g))
             for t, g in zip(gene_tasks, groups[len(block_tasks) :], strict=True)
         ]
-        layer = _leaf_tasks(leaves, [_values_read(plan, t) for t in [*block_tasks, *gene_tasks]])
+        layer = _leaf_tasks(leaves, lambda: [_values_read(plan, t) for t in [*block_tasks, *gene_tasks]])
         while len(layer) > FAN_IN:
             layer = [dask.delayed(_combine_list)(layer[i : i + FAN_IN]) for i in range(0, len(layer), FAN_IN)]
         # the last combine runs here: one task and one transfer fewer on the critical path
@@ -203,7 +203,7 @@ def _count_block(loc, task, expr) -> int:
     return int(rows.size)
 
 
-def _leaf_tasks(leaves: list[tuple[Any, tuple]], sizes: list[float]) -> list:
+def _leaf_tasks(leaves: list[tuple[Any, tuple]], sizes: Callable[[], list[float]]) -> list:
     """The chunk tasks, largest first when the client gathers them all (no combine tasks).
 
     Dask hands a worker its next task before the worker is free, in graph order; with a few
@@ -216,7 +216,7 @@ def _leaf_tasks(leaves: list[tuple[Any, tuple]], sizes: list[float]) -> list:
     if len(leaves) > FAN_IN:
         return [dask.delayed(fn, pure=False)(*args) for fn, args in leaves]
     out = []
-    for (fn, args), size in zip(leaves, sizes, strict=True):
+    for (fn, args), size in zip(leaves, sizes(), strict=True):
         with dask.annotate(priority=int(size)):
             out.append(dask.delayed(fn, pure=False)(*args))
     return out
