@@ -69,9 +69,8 @@ def _selection(loc, task, expr, by, mode, groups: RunGroups | None):
     """
     if groups is not None:
         rows, codes = groups.rows_and_codes()
-        keys = groups.keys
-        totals = None
-        if mode != RAW and rows.size:
+        keys, totals = groups.keys, None
+        if mode != RAW:
             store = open_store(loc, task.store)
             totals = store.obs_column("total_counts", task.r0, task.r1).to_numpy(dtype=np.float64)[rows]
     else:
@@ -81,8 +80,6 @@ def _selection(loc, task, expr, by, mode, groups: RunGroups | None):
             return rows, None, [], None
         codes, keys = group_codes(frame, by)
         totals = frame["total_counts"].to_numpy(dtype=np.float64) if mode != RAW else None
-    if rows.size == 0:
-        return rows, None, [], None
     scale = np.ones(rows.size, dtype=np.float64)
     if totals is not None:
         with np.errstate(divide="ignore"):

@@ -7,7 +7,6 @@ categorical dictionaries.
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
 from collections import OrderedDict
@@ -16,46 +15,34 @@ from collections.abc import Callable, Hashable
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from .layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
-from .shard_reader import ChunkedArrayReader, ShardedArrayReader, fetch
+from .shard_reader import ChunkedArrayReader, ConsolidatedNodes
 
 
 class ExperimentStore:
     """An open experiment store.
 
-    Opening reads the root ``zarr.json`` and parses it here. Every node's metadata is in it
-    (consolidated at conversion), and a query block needs only a few of them; zarr's
-    ``open_group`` parses all of them through its event loop, 5-8 ms per store on a busy worker,
-    which was a fifth of a selective query's first block. zarr is still used, lazily, for the
-    arrays whose layout this module does not decode itself.
+    Opening reads only the root ``zarr.json`` (see ``ConsolidatedNodes``). zarr is still used,
+    lazily, for the arrays whose layout this module does not decode itself.
     """
 
     def __init__(self, store: zarr.abc.store.Store, name: str = ""):
         self.name = name or str(store)
         self._store = store
-        (raw,) = fetch(store, [("zarr.json", None)])
-        if raw is None:
-            raise FileNotFoundError(f"{self.name}: no zarr.json (not a Zarr v3 store)")
-        root = json.loads(raw)
-        self.attrs = root.get("attributes", {}).get(ATTRS_KEY, {})
+        self._nodes = ConsolidatedNodes(store, self.name)
+        self.attrs = self._nodes.attributes.get(ATTRS_KEY, {})
         if self.attrs.get("format") != FORMAT_NAME:
             raise ValueError(f"{self.name}: not a bgee-dask experiment store")
         if str(self.attrs.get("format_version", "")).split(".")[0] != FORMAT_VERSION.split(".")[0]:
             raise ValueError(f"{self.name}: store format {self.attrs.get('format_version')} is not readable here")
         if not self.attrs.get("complete"):
             raise ValueError(f"{self.name}: store is incomplete (its conversion did not finish)")
-        nodes = (root.get("consolidated_metadata") or {}).get("metadata")
-        if not isinstance(nodes, dict):
-            raise ValueError(f"{self.name}: store has no consolidated metadata")
-        self._raw_nodes: dict[str, dict] = nodes
-        self._parsed: dict[str, ArrayV3Metadata] = {}
         self._group: zarr.Group | None = None
-        self.shape = tuple(int(s) for s in self._attrs("X")["shape"])
-        self._indptr = ShardedArrayReader(store, "X/indptr", self._array_meta("X/indptr"))
-        self._indices = ShardedArrayReader(store, "X/indices", self._array_meta("X/indices"))
-        self._data = ShardedArrayReader(store, "X/data", self._array_meta("X/data"))
+        self.shape = tuple(int(s) for s in self._nodes.attrs("X")["shape"])
+        self._indptr = self._nodes.sharded("X/indptr")
+        self._indices = self._nodes.sharded("X/indices")
+        self._data = self._nodes.sharded("X/data")
         self._categories: dict[str, pd.Index] = {}
         self._lock = threading.Lock()
         self._readers: dict[str, ChunkedArrayReader | None] = {}
@@ -68,15 +55,6 @@ class ExperimentStore:
                 warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
                 self._group = zarr.open_group(self._store, mode="r", use_consolidated=True)
         return self._group
-
-    def _array_meta(self, path: str) -> ArrayV3Metadata:
-        meta = self._parsed.get(path)
-        if meta is None:
-            node = self._raw_nodes.get(path)
-            if node is None or node.get("node_type") != "array":
-                raise KeyError(f"{self.name}: no array {path}")
-            meta = self._parsed[path] = ArrayV3Metadata.from_dict(node)
-        return meta
 
     @property
     def requests(self) -> int:
@@ -93,13 +71,13 @@ class ExperimentStore:
         return indptr - a, self._indices.read(a, b), self._data.read(a, b)
 
     def _attrs(self, path: str) -> dict:
-        return dict(self._raw_nodes[path].get("attributes", {}))
+        return self._nodes.attrs(path)
 
     def _read(self, path: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of a 1-D array: straight from the store when its layout allows, else through zarr."""
         with self._lock:
             if path not in self._readers:
-                self._readers[path] = ChunkedArrayReader.for_array(self._store, path, self._array_meta(path))
+                self._readers[path] = ChunkedArrayReader.for_array(self._store, path, self._nodes.array_meta(path))
             reader = self._readers[path]
         if reader is None:
             return self.group[path][r0:r1]
@@ -108,7 +86,7 @@ class ExperimentStore:
     def obs_column(self, name: str, r0: int, r1: int) -> pd.Series:
         """Rows ``[r0, r1)`` of an obs column; categoricals keep their full category list."""
         path = f"obs/{name}"
-        if path not in self._raw_nodes:
+        if path not in self._nodes:
             raise KeyError(name)
         enc = self._attrs(path).get("encoding-type")
         if enc == "categorical":
@@ -137,7 +115,7 @@ class ExperimentStore:
         with self._lock:
             cached = self._categories.get(path)
         if cached is None:
-            n = int(self._raw_nodes[f"{path}/categories"]["shape"][0])
+            n = int(self._nodes.array_meta(f"{path}/categories").shape[0])
             cached = pd.Index(self._read(f"{path}/categories", 0, n))
             with self._lock:
                 self._categories[path] = cached

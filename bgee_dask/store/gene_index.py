@@ -29,7 +29,7 @@ from .csr_kernels import gene_range_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
 from .scratch import Lease
-from .shard_reader import ShardedArrayReader
+from .shard_reader import ConsolidatedNodes
 from .shards import ShardWriter
 from .spill_records import append_record, read_records
 
@@ -188,16 +188,14 @@ class GeneIndex:
     """Reads gene columns from a gene-major copy: for each gene, its cell rows and values."""
 
     def __init__(self, store: zarr.abc.store.Store, name: str = ""):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            group = zarr.open_group(store, mode="r", use_consolidated=True)
-        attrs = dict(group.attrs).get("bgee_dask", {})
+        nodes = ConsolidatedNodes(store, name or str(store))  # one request, as for ExperimentStore
+        attrs = nodes.attributes.get("bgee_dask", {})
         if attrs.get("format") != GENE_INDEX_FORMAT or not attrs.get("complete"):
-            raise ValueError(f"{name or store}: not a complete bgee-dask gene index")
+            raise ValueError(f"{nodes.name}: not a complete bgee-dask gene index")
         self.shape = tuple(attrs["shape"])
-        self._indptr = ShardedArrayReader.of(group["indptr"])
-        self._indices = ShardedArrayReader.of(group["indices"])
-        self._data = ShardedArrayReader.of(group["data"])
+        self._indptr = nodes.sharded("indptr")
+        self._indices = nodes.sharded("indices")
+        self._data = nodes.sharded("data")
 
     @property
     def requests(self) -> int:
