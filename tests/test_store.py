@@ -370,7 +370,7 @@ def test_sharded_reader_matches_zarr(tmp_path, at_root):
     w = ShardWriter(arr, DEFAULT_CODEC)
     w.append(values)
     w.close()
-    reader = ShardedArrayReader.of(arr)
+    reader = ShardedArrayReader(arr.store_path.store, arr.store_path.path, arr.metadata)
     for _ in range(50):
         a = int(rng.integers(0, values.size))
         b = int(rng.integers(a, values.size + 1))

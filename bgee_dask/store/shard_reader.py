@@ -136,11 +136,6 @@ class ShardedArrayReader:
         self.requests = 0
         self.bytes_read = 0
 
-    @classmethod
-    def of(cls, array: zarr.Array) -> ShardedArrayReader:
-        """The reader of an open zarr array."""
-        return cls(array.store_path.store, array.store_path.path, array.metadata)
-
     def _key(self, shard: int) -> str:
         chunk_key = self._meta.encode_chunk_key((shard,))
         return f"{self._prefix}/{chunk_key}" if self._prefix else chunk_key  # an array at the store root

@@ -14,7 +14,7 @@ import json
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anndata
@@ -309,8 +309,8 @@ def write_experiment(
         "sorted_by": list(SORT_COLUMNS),
         "row_blocks": blocks,
         "nnz": result.nnz,
-        "codec": {"cname": codec.cname, "clevel": codec.clevel, "shuffle": codec.shuffle},
-        "index_codec": {"cname": index_codec.cname, "clevel": index_codec.clevel, "shuffle": index_codec.shuffle},
+        "codec": asdict(codec),
+        "index_codec": asdict(index_codec),
         "provenance": provenance,
         "complete": True,
     }
