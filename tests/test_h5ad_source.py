@@ -117,6 +117,22 @@ def test_chunked_reader_unwritten_and_unfiltered_chunks(tmp_path, shuffle):
                 pool.shutdown()
 
 
+def test_chunked_reader_reads_past_a_user_block_and_closes(tmp_path):
+    """Chunk addresses are file offsets: a user block before the HDF5 data must not shift them."""
+    values = np.arange(10_000, dtype=np.float32) * 1.5
+    with h5py.File(tmp_path / "u.h5", "w", userblock_size=1024) as f:
+        f.create_dataset("v", data=values, chunks=(333,), compression="gzip")
+    with h5py.File(tmp_path / "u.h5", "r") as f, ThreadPoolExecutor(2) as pool:
+        reader = ChunkedReader(f["v"], pool)
+        assert reader.fast
+        np.testing.assert_array_equal(reader.read(0, values.size), values)
+        np.testing.assert_array_equal(reader.read(400, 5000), values[400:5000])
+        reader.close()
+        assert reader._fd is None
+        np.testing.assert_array_equal(reader.read(10, 20), values[10:20])  # opens again when needed
+        reader.close()
+
+
 def test_chunked_reader_rejects_2d(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         ds = f.create_dataset("m", data=np.zeros((3, 3)))

@@ -161,6 +161,7 @@ class H5adSource:
             self.indptr = indptr[:].astype(np.int64)
             if self.indptr[0] != 0 or self.indptr[-1] != self.nnz or np.any(np.diff(self.indptr) < 0):
                 raise _fail(self.path, f"{key}: indptr is not a valid offset array for {self.nnz} values")
+            self._close_readers()  # of X, when the counts turned out to be in a layer
             self._data = ChunkedReader(data, self.executor)
             self._indices = ChunkedReader(indices, self.executor)
         if not (np.issubdtype(self.dtype, np.floating) or np.issubdtype(self.dtype, np.integer)):
@@ -358,7 +359,13 @@ class H5adSource:
         """Counts are stored as float32 unless the source needs float64's precision."""
         return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
 
+    def _close_readers(self) -> None:
+        for reader in (getattr(self, "_data", None), getattr(self, "_indices", None)):
+            if reader is not None:
+                reader.close()
+
     def close(self) -> None:
+        self._close_readers()
         with contextlib.suppress(Exception):  # already closed or never opened
             self.file.close()
 

@@ -29,7 +29,7 @@ class Lease:
     def empty(self, n: int, dtype: np.dtype | type) -> np.ndarray:
         """An uninitialised array of ``n`` values, as ``np.empty`` would give, from a kept buffer if one fits."""
         dtype = np.dtype(dtype)
-        nbytes = max(1, int(n) * dtype.itemsize)
+        nbytes = _size_class(max(1, int(n) * dtype.itemsize))
         with _LOCK:
             fits = [b for b in _FREE if b.nbytes >= nbytes]
             raw = min(fits, key=lambda b: b.nbytes) if fits else None
@@ -56,6 +56,16 @@ class Lease:
         with _LOCK:
             _FREE.extend(self._taken)
         self._taken = []
+
+
+def _size_class(nbytes: int) -> int:
+    """``nbytes`` rounded up to one of eight steps per power of two (at most 12.5% more).
+
+    Files differ a little in size; without rounding, the next file's matrix is a few bytes
+    larger than the kept one, which is then dropped and a fresh one page-faulted in.
+    """
+    step = max(1, 1 << max(0, nbytes.bit_length() - 4))
+    return -(-nbytes // step) * step
 
 
 def _remove(buffers: list[np.ndarray], buffer: np.ndarray) -> None:
