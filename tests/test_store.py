@@ -137,7 +137,7 @@ def test_scratch_lease_reuses_buffers_and_releases_them():
         first.give_back(b)  # back before the lease ends: this lease may take it again
         c = first.empty(5, np.int32)
         assert c.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-    assert scratch.kept_bytes() == 4000 + 80
+    assert scratch.kept_bytes() == 4096 + 80  # sizes rounded to eight steps per power of two
     with scratch.lease() as second:
         d = second.empty(900, np.int32)  # the 4000-byte buffer, the smallest that fits
         assert d.dtype == np.int32 and d.shape == (900,)
@@ -145,8 +145,17 @@ def test_scratch_lease_reuses_buffers_and_releases_them():
         e = second.empty(2000, np.float32)  # nothing fits: the largest free one is dropped, not hoarded
         assert e.shape == (2000,)
         assert scratch.kept_bytes() == 0
-    assert scratch.kept_bytes() == 4000 + 8000
+    assert scratch.kept_bytes() == 4096 + 8192
     assert scratch.release_scratch() > 0 and scratch.kept_bytes() == 0
+
+
+def test_scratch_size_classes_round_up_by_at_most_an_eighth():
+    sizes = np.unique(np.random.default_rng(3).integers(1, 1 << 40, size=5000))
+    for n in [*range(1, 300), *sizes.tolist()]:
+        c = scratch._size_class(n)
+        assert n <= c <= n + max(1, n // 8), n
+    # two files of slightly different size share one class, so the second reuses the first's buffer
+    assert scratch._size_class(300_000_000) == scratch._size_class(301_500_000)
 
 
 # -- the spill (two-pass) reorder against the in-memory path -------------------------------------

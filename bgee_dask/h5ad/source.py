@@ -296,10 +296,14 @@ class H5adSource:
             a, b = int(indptr[r0]), int(indptr[r1])
             yield self._checked_csr(r0, r1, indptr[r0 : r1 + 1] - a, self._indices.read(a, b), self._data.read(a, b))
 
-    def read_csr_into(self, indices: np.ndarray, data: np.ndarray, *, nnz_per_block: int = 1 << 23) -> None:
+    def read_csr_into(
+        self, indices: np.ndarray, data: np.ndarray, *, nnz_per_block: int = 1 << 23
+    ) -> value_check.RowScan:
         """All values of a CSR matrix decoded straight into ``indices`` and ``data`` (``nnz`` long), validated.
 
-        Blocks are decoded in place when the dtypes match, so the matrix exists once in memory.
+        Blocks are decoded in place when the dtypes match, so the matrix exists once in memory;
+        the whole matrix is then checked and summarised in one parallel pass, whose row sums,
+        detected genes and per-gene counts are returned.
         """
         if self.format != "csr":
             raise RuntimeError("read_csr_into needs a CSR matrix")
@@ -308,14 +312,21 @@ class H5adSource:
             a, b = int(indptr[r0]), int(indptr[r1])
             got_indices, indices_placed = _read_maybe_into(self._indices, a, b, indices[a:b])
             got_data, data_placed = _read_maybe_into(self._data, a, b, data[a:b])
-            # checked before any cast: a cast to float32 would hide integers beyond its range
-            self._check_values(got_data, got_indices, self.n_vars, f"rows {r0}-{r1}")
-            if not indices_placed:
-                indices[a:b] = got_indices
+            if not (data_placed and indices_placed):
+                # checked before the cast: a cast to float32 would hide integers beyond its range
+                # (and one to int32 indices out of range)
+                self._check_values(got_data, got_indices, self.n_vars, f"rows {r0}-{r1}")
             if not data_placed:
                 data[a:b] = got_data
+            if not indices_placed:
+                indices[a:b] = got_indices
             if self.on_read is not None:
                 self.on_read(b - a)
+        scan = value_check.scan_csr(indptr, indices, data, self.n_vars, self.executor)
+        if scan.code != value_check.OK:
+            row = int(np.searchsorted(indptr, scan.position, side="right")) - 1
+            self._raise_problem(scan.code, data, scan.position, f"row {row}")
+        return scan
 
     def iter_csc_blocks(self, *, nnz_per_block: int = 1 << 23) -> Iterator[CscBlock]:
         """Column blocks of a CSC matrix, validated as they are decoded."""
@@ -338,8 +349,10 @@ class H5adSource:
 
     def _check_values(self, data: np.ndarray, indices: np.ndarray, bound: int, where: str) -> None:
         code, pos = value_check.first_problem(data, indices, bound)
-        if code == value_check.OK:
-            return
+        if code != value_check.OK:
+            self._raise_problem(code, data, pos, where)
+
+    def _raise_problem(self, code: int, data: np.ndarray, pos: int, where: str) -> None:
         problem = {
             value_check.NAN: "NaN values",
             value_check.INFINITE: "infinite values",

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
+from ..h5ad.value_check import RowScan, scan_csr
 from .csr_kernels import (
     count_values_per_gene,
     gather_rows,
@@ -114,13 +115,11 @@ def stream_sorted(
     if source.format == "csc":
         in_memory_nnz = min(in_memory_nnz, IN_MEMORY_NNZ_CSC)
     if nnz_hint <= in_memory_nnz:
-        indptr, indices, data = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
-        row_totals(indptr, data, totals, detected)
+        indptr, indices, data, scan = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
         dest_indptr = _permuted_indptr(indptr, perm)
-        gene_nnz = count_values_per_gene(indices, source.n_vars)
-        sink.begin(dest_indptr, gene_nnz)
+        sink.begin(dest_indptr, scan.gene_nnz)
         sink.matrix(InMemoryMatrix(perm, indptr, indices, data, dest_indptr))
-        return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), False)
+        return ReorderResult(dest_indptr, scan.totals, scan.detected, int(dest_indptr[-1]), False)
 
     inv = np.empty(n, dtype=np.int64)
     inv[perm] = np.arange(n, dtype=np.int64)
@@ -248,7 +247,8 @@ def _even_bounds(n: int, max_row: int, bucket_nnz: int) -> np.ndarray:
 
 def _read_all_csr(
     source: H5adSource, read_nnz: int, out_dtype: np.dtype, allocate: Callable[[int, np.dtype], np.ndarray] = np.empty
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowScan]:
+    """The whole matrix as CSR with sorted rows, and its row and gene summary."""
     if source.format == "csc":
         parts = list(source.iter_csc_blocks(nnz_per_block=read_nnz))
         indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]])
@@ -256,21 +256,25 @@ def _read_all_csr(
         data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
         csr = sp.csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
         csr.sort_indices()
-        return csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data.astype(out_dtype, copy=False)
-    if source.nnz is None:  # dense: sizes are known once it is read
+        indptr, indices, data = csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data
+    elif source.nnz is None:  # dense: sizes are known once it is read
         parts = list(prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)))
         indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]]).astype(np.int64)
         indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
         data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, out_dtype)
-        return indptr, indices, data.astype(out_dtype, copy=False)
-    # Decoded straight into arrays of the final size: one copy of the matrix in memory, not two.
-    indptr = np.asarray(source.indptr, dtype=np.int64)
-    indices = allocate(source.nnz, np.dtype(np.int32))
-    data = allocate(source.nnz, out_dtype)
-    source.read_csr_into(indices, data, nnz_per_block=read_nnz)
-    sort_row_indices(indptr, indices, data)  # anndata writes them sorted, but nothing guarantees it
-    release_free_heap()
-    return indptr, indices, data
+    else:
+        # Decoded straight into arrays of the final size: one copy of the matrix in memory, not two.
+        indptr = np.asarray(source.indptr, dtype=np.int64)
+        indices = allocate(source.nnz, np.dtype(np.int32))
+        data = allocate(source.nnz, out_dtype)
+        scan = source.read_csr_into(indices, data, nnz_per_block=read_nnz)
+        if scan.unsorted:  # anndata writes rows sorted, but nothing guarantees it
+            sort_row_indices(indptr, indices, data)
+        release_free_heap()
+        return indptr, indices, data, scan
+    data = data.astype(out_dtype, copy=False)
+    # these blocks were checked as they were read; the scan gives the same summary as above
+    return indptr, indices, data, scan_csr(indptr, indices, data, source.n_vars)
 
 
 def _offsets(parts):
