@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from queue import Full, Queue
 from typing import Protocol, TypeVar
@@ -103,24 +104,26 @@ def stream_sorted(
     bucket_nnz: int = BUCKET_NNZ,
     read_nnz: int = READ_NNZ,
     allocate: Callable[[int, np.dtype], np.ndarray] = np.empty,
+    decoded: Future | None = None,
 ) -> ReorderResult:
     """Feed ``sink`` the rows ``perm[0], perm[1], ...`` in that order, in blocks.
 
-    ``allocate`` makes the in-memory matrix's arrays (``np.empty`` or a scratch lease's).
+    ``allocate`` makes the in-memory matrix's arrays (``np.empty`` or a scratch lease's);
+    ``decoded`` is the matrix already being decoded by ``start_decoding``, if it was started.
     """
     n = source.n_obs
-    totals = np.zeros(n, dtype=np.float64)
-    detected = np.zeros(n, dtype=np.int32)
-    nnz_hint = source.nnz if source.nnz is not None else n * source.n_vars
-    if source.format == "csc":
-        in_memory_nnz = min(in_memory_nnz, IN_MEMORY_NNZ_CSC)
-    if nnz_hint <= in_memory_nnz:
-        indptr, indices, data, scan = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
+    if _fits_in_memory(source, in_memory_nnz):
+        if decoded is not None:
+            indptr, indices, data, scan = decoded.result()
+        else:
+            indptr, indices, data, scan = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
         dest_indptr = _permuted_indptr(indptr, perm)
         sink.begin(dest_indptr, scan.gene_nnz)
         sink.matrix(InMemoryMatrix(perm, indptr, indices, data, dest_indptr))
         return ReorderResult(dest_indptr, scan.totals, scan.detected, int(dest_indptr[-1]), False)
 
+    totals = np.zeros(n, dtype=np.float64)
+    detected = np.zeros(n, dtype=np.int32)
     inv = np.empty(n, dtype=np.int64)
     inv[perm] = np.arange(n, dtype=np.int64)
     if source.format == "csc":
@@ -184,6 +187,32 @@ def stream_sorted(
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fits_in_memory(source: H5adSource, in_memory_nnz: int) -> bool:
+    nnz_hint = source.nnz if source.nnz is not None else source.n_obs * source.n_vars
+    if source.format == "csc":
+        in_memory_nnz = min(in_memory_nnz, IN_MEMORY_NNZ_CSC)
+    return nnz_hint <= in_memory_nnz
+
+
+def start_decoding(
+    source: H5adSource,
+    executor: Executor,
+    *,
+    out_dtype: np.dtype,
+    in_memory_nnz: int = IN_MEMORY_NNZ,
+    read_nnz: int = READ_NNZ,
+    allocate: Callable[[int, np.dtype], np.ndarray] = np.empty,
+) -> Future | None:
+    """Decode the whole matrix on ``executor`` when it will be reordered in memory (``None`` otherwise).
+
+    The writer sorts and writes the cell metadata meanwhile; they need no values. Errors in the
+    values are raised by ``stream_sorted``, when it takes the result.
+    """
+    if not _fits_in_memory(source, in_memory_nnz):
+        return None
+    return executor.submit(_read_all_csr, source, read_nnz, np.dtype(out_dtype), allocate)
 
 
 def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:

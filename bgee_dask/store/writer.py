@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from .layout import (
     row_blocks,
     write_indptr_array,
 )
-from .reorder import IN_MEMORY_NNZ, InMemoryMatrix, stream_sorted
+from .reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
 from .runs import runs_table
 from .shards import ShardWriter
 
@@ -72,8 +73,11 @@ class _StoreSink:
         data: ShardWriter,
         genes: GeneIndexBuilder | None,
         on_write: Callable[[int], None] | None = None,
+        executor: Executor | None = None,
+        gather_pieces: int = 4,
     ):
         self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
+        self.executor, self.gather_pieces = executor, gather_pieces
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
@@ -81,10 +85,22 @@ class _StoreSink:
             self.genes.begin(dest_indptr, gene_nnz)
 
     def matrix(self, matrix: InMemoryMatrix) -> None:
-        """Gather X straight into the shard buffers, one shard at a time (both arrays cut alike)."""
+        """Gather X straight into the shard buffers, one shard at a time (both arrays cut alike).
+
+        A shard is gathered in pieces on the executor's threads (the kernel releases the GIL):
+        on the calling thread alone, gathering was the longest step no other core could help with.
+        """
         while (room := self.indices.writable()).size:
             start = self.indices.written
-            matrix.fill_sorted(start, room, self.data.writable()[: room.size])
+            data_room = self.data.writable()[: room.size]
+            cuts = np.linspace(0, room.size, self.gather_pieces + 1).astype(np.int64).tolist()
+            jobs = [(start + a, room[a:b], data_room[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
+            if self.executor is not None and len(jobs) > 1:
+                for _ in self.executor.map(lambda job: matrix.fill_sorted(*job), jobs):
+                    pass
+            else:
+                for job in jobs:
+                    matrix.fill_sorted(*job)
             self.indices.advance(room.size)
             self.data.advance(room.size)
             if self.on_write is not None:
@@ -226,8 +242,45 @@ def write_experiment(
 
     obs and var are written first and let go of: only three derived obs columns need the
     matrix, and they are added at the end. A million cells' metadata held through the matrix
-    streaming made the peak memory grow with the file (1.28 GB at 1M cells).
+    streaming made the peak memory grow with the file (1.28 GB at 1M cells). A matrix small
+    enough to be reordered in memory is decoded meanwhile, on a thread of its own: reading and
+    sorting obs holds the GIL (h5py, pandas) while decoding barely needs it, so the two overlap.
     """
+    with scratch.lease() as working, ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
+        decoded = start_decoding(
+            source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
+        )
+        return _write_experiment(
+            source,
+            store,
+            provenance=provenance,
+            executor=executor,
+            codec=codec,
+            index_codec=index_codec,
+            spill_dir=spill_dir,
+            in_memory_nnz=in_memory_nnz,
+            gene_index_store=gene_index_store,
+            on_write=on_write,
+            working=working,
+            decoded=decoded,
+        )
+
+
+def _write_experiment(
+    source: H5adSource,
+    store: zarr.abc.store.Store,
+    *,
+    provenance: dict[str, Any],
+    executor: Executor | None,
+    codec: BloscSettings,
+    index_codec: BloscSettings,
+    spill_dir: str | None,
+    in_memory_nnz: int,
+    gene_index_store: zarr.abc.store.Store | None,
+    on_write: Callable[[int], None] | None,
+    working: scratch.Lease,
+    decoded: Future | None,
+) -> WrittenStore:
     obs = source.take_obs()
     perm = sort_order(obs)
     obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
@@ -252,41 +305,41 @@ def write_experiment(
     if nnz_total is None:
         nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-    with scratch.lease() as working:
-        data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
-        indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
-        indices_writer = ShardWriter(indices, index_codec, executor, working)
-        genes = None
-        if gene_index_store is not None:
-            genes = GeneIndexBuilder(
-                gene_index_store,
-                source.n_obs,
-                source.n_vars,
-                out_dtype,
-                codec=codec,
-                index_codec=index_codec,
-                executor=executor,
-                spill_dir=spill_dir,
-                scratch=working,
-            )
-        sink = _StoreSink(indices_writer, data_writer, genes, on_write)
-        try:
-            result = stream_sorted(
-                source,
-                perm,
-                sink,
-                out_dtype=out_dtype,
-                spill_dir=spill_dir,
-                in_memory_nnz=in_memory_nnz,
-                allocate=working.empty,
-            )
-            data_writer.close()
-            indices_writer.close()
-            if genes is not None:
-                genes.close({"experiment_id": source.experiment_id, "species": source.species})
-        finally:
-            if genes is not None:
-                genes.discard()
+    data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
+    indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
+    indices_writer = ShardWriter(indices, index_codec, executor, working)
+    genes = None
+    if gene_index_store is not None:
+        genes = GeneIndexBuilder(
+            gene_index_store,
+            source.n_obs,
+            source.n_vars,
+            out_dtype,
+            codec=codec,
+            index_codec=index_codec,
+            executor=executor,
+            spill_dir=spill_dir,
+            scratch=working,
+        )
+    sink = _StoreSink(indices_writer, data_writer, genes, on_write, executor)
+    try:
+        result = stream_sorted(
+            source,
+            perm,
+            sink,
+            out_dtype=out_dtype,
+            spill_dir=spill_dir,
+            in_memory_nnz=in_memory_nnz,
+            allocate=working.empty,
+            decoded=decoded,
+        )
+        data_writer.close()
+        indices_writer.close()
+        if genes is not None:
+            genes.close({"experiment_id": source.experiment_id, "species": source.species})
+    finally:
+        if genes is not None:
+            genes.discard()
     write_indptr_array(x, "indptr", result.indptr, codec)
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
