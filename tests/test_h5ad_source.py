@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from bgee_dask.h5ad import value_check
+from bgee_dask.h5ad import frame_reader, value_check
 from bgee_dask.h5ad.chunks import ChunkedReader
 from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.schema import BgeeInputError, detect_layout, parse_bgee_filename
@@ -337,3 +338,53 @@ def test_first_problem_integer_counts_beyond_float32():
     d = np.array([3, 1 << 24, 5], dtype=np.int64)
     assert value_check.first_problem(d, np.zeros(3, np.int32), 1) == (value_check.TOO_LARGE, 1)
     assert value_check.first_problem(d.astype(np.float64), np.zeros(3, np.int32), 1) == (value_check.OK, -1)
+
+
+# -- obs and var without anndata -------------------------------------------------------------------
+def test_frame_reader_equals_anndata_on_every_layout(bgee_sources):
+    """Every shared file (all layouts): obs and var read directly equal anndata's reader, exactly."""
+    for name, path in bgee_sources.items():
+        with h5py.File(path, "r") as f:
+            for part in ("obs", "var"):
+                direct = frame_reader._read_known(f[part])
+                assert direct is not None, f"{name}/{part} fell back to anndata"
+                pd.testing.assert_frame_equal(direct, ad.io.read_elem(f[part]), check_exact=True)
+
+
+def test_frame_reader_hands_other_encodings_to_anndata(tmp_path):
+    """Nullable columns, a named index and ordered categories: read as anndata reads them."""
+    frame = pd.DataFrame(
+        {
+            "n": pd.array([1, None, 3], dtype="Int64"),
+            "c": pd.Categorical(["b", "a", "b"], categories=["b", "a"], ordered=True),
+            "x": np.array([0.5, 1.5, 2.5]),
+            "flag": np.array([True, False, True]),
+            "s": ["u", "v", "w"],
+        },
+        index=pd.Index(["c1", "c2", "c3"], name="cell"),
+    )
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        ad.io.write_elem(f, "nullable", frame)
+        ad.io.write_elem(f, "plain", frame.drop(columns="n"))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert frame_reader._read_known(f["nullable"]) is None  # not ours: anndata reads it
+        pd.testing.assert_frame_equal(frame_reader.read_frame(f["nullable"]), ad.io.read_elem(f["nullable"]))
+        plain = frame_reader._read_known(f["plain"])
+        assert plain is not None and plain.index.name == "cell" and plain["c"].cat.ordered
+        pd.testing.assert_frame_equal(plain, ad.io.read_elem(f["plain"]), check_exact=True)
+
+
+def test_converting_bgee_files_does_not_import_anndata(tmp_path, bgee_sources):
+    """anndata costs ~0.7 s to import; a conversion of Bgee's files must not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bgee_dask\n"
+        f"r = bgee_dask.convert([{str(bgee_sources['SRPT00004'])!r}, {str(bgee_sources['SRPT00002.B'])!r}], "
+        f"{str(tmp_path / 'atlas')!r}, workers=1, progress=False)\n"
+        "assert all(x.status == 'converted' for x in r), [x.message for x in r]\n"
+        "print('anndata' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import pandas as pd
-from anndata.io import read_elem
 
 from ..schema import (
     CANONICAL_COLUMNS,
@@ -32,6 +31,7 @@ from ..schema import (
 )
 from . import value_check
 from .chunks import ChunkedReader
+from .frame_reader import read_frame
 
 #: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
 _CPM_TOLERANCE = 1e-3
@@ -110,12 +110,12 @@ class H5adSource:
             raise _fail(self.path, "no obs or var table")
         layers = set(f["layers"].keys()) if "layers" in f else set()
         uns = set(f["uns"].keys()) if "uns" in f else set()
-        raw_obs = read_elem(f["obs"])
+        raw_obs = read_frame(f["obs"])
         try:
             self.layout = detect_layout(list(raw_obs.columns), top, uns, layers)
         except ValueError as exc:
             raise _fail(self.path, str(exc)) from None
-        self.var = read_elem(f["var"])
+        self.var = read_frame(f["var"])
         self.n_obs, self.n_vars = len(raw_obs), len(self.var)
         if raw_obs.index.has_duplicates:
             dups = raw_obs.index[raw_obs.index.duplicated()].unique()[:3].tolist()

@@ -18,11 +18,9 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import anndata
 import numpy as np
 import pandas as pd
 import zarr
-from anndata.io import write_elem
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -178,6 +176,9 @@ def _write_anndata_elements(store: zarr.abc.store.Store, elements: dict[str, Any
         else:
             objects.update(encoded)
     if rest:
+        import anndata  # imported only here: it costs ~0.7 s, and Bgee's frames never need it
+        from anndata.io import write_elem
+
         mem = zarr.storage.MemoryStore()
         group = zarr.open_group(mem, mode="w", zarr_format=3)
         with anndata.settings.override(zarr_write_format=3), warnings.catch_warnings():

@@ -1,0 +1,82 @@
+"""Reading obs and var of an H5AD file without anndata, for the encodings Bgee files use.
+
+anndata's reader is general, but importing it costs ~0.7 s (it brings in dask.array, sparse
+and numba's array support), which a conversion run paid before its first file, and it reads a
+frame through a registry of readers per element. Bgee's files, in every layout, hold data
+frames (encoding 0.2.0) of categorical, string-array and plain array columns only; those are
+read here straight from h5py. A frame holding anything else (nullable arrays, older encodings)
+is handed to anndata, imported then, so every file anndata can read is still read.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+
+
+def _attr(node: h5py.HLObject, key: str) -> str | None:
+    value = node.attrs.get(key)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encoding(node: h5py.HLObject) -> tuple[str | None, str | None]:
+    return _attr(node, "encoding-type"), _attr(node, "encoding-version")
+
+
+def _plain_array(node: h5py.HLObject) -> np.ndarray | None:
+    """A string-array (as Python ``str`` objects, like anndata) or a numeric/boolean array."""
+    if not isinstance(node, h5py.Dataset) or node.ndim != 1:
+        return None
+    kind = _encoding(node)
+    if kind == ("string-array", "0.2.0"):
+        return node.asstr()[...]
+    if kind == ("array", "0.2.0") and node.dtype.kind in "biuf":
+        return node[...]
+    return None
+
+
+def _column(node: h5py.HLObject) -> np.ndarray | pd.Categorical | None:
+    """One column as anndata reads it, or ``None`` when its encoding is not one of ours."""
+    if isinstance(node, h5py.Group):
+        if _encoding(node) != ("categorical", "0.2.0") or set(node.keys()) != {"codes", "categories"}:
+            return None
+        codes, categories = node["codes"], _plain_array(node["categories"])
+        if categories is None or not isinstance(codes, h5py.Dataset) or codes.dtype.kind not in "iu":
+            return None
+        ordered = bool(node.attrs.get("ordered", False))
+        return pd.Categorical.from_codes(codes[...], categories=categories, ordered=ordered)
+    return _plain_array(node)
+
+
+def read_frame(group: h5py.Group) -> pd.DataFrame:
+    """The data frame stored at ``group`` (obs or var), equal to ``anndata.io.read_elem(group)``."""
+    if isinstance(group, h5py.Group) and _encoding(group) == ("dataframe", "0.2.0"):
+        frame = _read_known(group)
+        if frame is not None:
+            return frame
+    from anndata.io import read_elem  # anything else: anndata's general reader
+
+    return read_elem(group)
+
+
+def _read_known(group: h5py.Group) -> pd.DataFrame | None:
+    index_key = _attr(group, "_index")
+    order = group.attrs.get("column-order", [])
+    names = [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+    if index_key is None or index_key not in group:
+        return None
+    index = _column(group[index_key])
+    if index is None:
+        return None
+    columns = {}
+    for name in names:
+        if name not in group:
+            return None
+        column = _column(group[name])
+        if column is None:
+            return None
+        columns[name] = column
+    frame = pd.DataFrame(columns, index=pd.Index(index), columns=names)
+    frame.index.name = None if index_key == "_index" else index_key
+    return frame
