@@ -119,20 +119,26 @@ def order_by_gene(genes, cells, values, gene_start, gene_offsets, out_cells, out
 
 
 @numba.njit(nogil=True, cache=True)
-def gene_range_of_rows(
-    perm, indptr, indices, data, cursor, g1, gene_pos, g0, out_cells, out_values
-):  # pragma: no cover
+def gene_range_of_rows(perm, indptr, indices, data, g0, g1, gene_pos, out_cells, out_values):  # pragma: no cover
     """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene.
 
-    Rows are numbered by their position in ``perm``. Row indices must be sorted. ``cursor[r]``
-    is the first value of row ``r`` not taken yet (start at ``indptr[:-1]``), so calls for
-    consecutive gene ranges read every value once. ``gene_pos[g - g0]`` is where gene ``g``'s
-    next value goes, which keeps each gene's rows increasing.
+    Rows are numbered by their position in ``perm``. Row indices must be sorted: each row's
+    first value of the range is found by bisection, so calls for different gene ranges share
+    no state and run on different threads. ``gene_pos[g - g0]`` is where gene ``g``'s next
+    value goes (advanced here), which keeps each gene's rows increasing.
     """
     for d in range(perm.shape[0]):
         r = perm[d]
-        k = cursor[r]
+        lo = indptr[r]
         end = indptr[r + 1]
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if indices[mid] < g0:
+                lo = mid + 1
+            else:
+                hi = mid
+        k = lo
         while k < end and indices[k] < g1:
             j = indices[k] - g0
             p = gene_pos[j]
@@ -140,7 +146,6 @@ def gene_range_of_rows(
             out_values[p] = data[k]
             gene_pos[j] = p + 1
             k += 1
-        cursor[r] = k
 
 
 @numba.njit(nogil=True, cache=True)

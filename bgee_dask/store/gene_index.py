@@ -16,6 +16,7 @@ conversion already holds, whatever the file size.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -124,15 +125,13 @@ class GeneIndexBuilder:
             largest = int(sizes.max()) if sizes.size else 0
             allocate = self.scratch.empty if self.scratch is not None else np.empty
             cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
-            if self._matrix is not None:
-                self._cursor = self._matrix.indptr[:-1].copy()  # each row's next value not taken yet
             for k in range(len(self.bounds) - 1):
                 g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
                 n = int(sizes[k])
                 self._gene_range(k, g0, g1, cells_buf[:n], values_buf[:n])
                 cells_out.append(cells_buf[:n])
                 data_out.append(values_buf[:n])
-            self._matrix = self._cursor = None
+            self._matrix = None
             if self.scratch is not None:
                 self.scratch.give_back(cells_buf)
                 self.scratch.give_back(values_buf)
@@ -161,10 +160,23 @@ class GeneIndexBuilder:
             return
         if self._matrix is not None:
             m = self._matrix
-            gene_pos = self.indptr[g0:g1] - self.indptr[g0]  # a copy: the kernel advances it
-            gene_range_of_rows(
-                m.perm, m.indptr, m.indices, m.data, self._cursor, g1, gene_pos, g0, out_cells, out_values
-            )
+            # the range in pieces of about equal values, on the executor's threads: the
+            # pieces' genes, hence their places in the outputs, do not overlap
+            cuts = np.searchsorted(self.indptr[g0 : g1 + 1], np.linspace(0, size, 3) + self.indptr[g0])
+            edges = np.unique(np.concatenate([[g0], g0 + cuts.clip(0, g1 - g0), [g1]]))
+            pieces = list(itertools.pairwise(edges.tolist()))
+
+            def piece(bounds: tuple[int, int]) -> None:
+                a, b = bounds
+                gene_pos = self.indptr[a:b] - self.indptr[g0]  # a copy: the kernel advances it
+                gene_range_of_rows(m.perm, m.indptr, m.indices, m.data, a, b, gene_pos, out_cells, out_values)
+
+            if self.executor is not None and len(pieces) > 1:
+                for _ in self.executor.map(piece, pieces):
+                    pass
+            else:
+                for bounds in pieces:
+                    piece(bounds)
             return
         cells, genes, values = self._load(k)
         if cells.size != size:
