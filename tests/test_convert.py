@@ -75,9 +75,30 @@ def primary_atlas(tmp_path_factory, bgee_sources):
 
 @pytest.fixture(scope="module")
 def variant_atlas(tmp_path_factory, bgee_sources):
+    """Converted the default way (a folder, ``workers=None``): Dask worker threads in this process."""
+    import bgee_dask.atlas.convert as conv
+
     out = tmp_path_factory.mktemp("variants") / "atlas"
-    reports = _run([bgee_sources["SRPT00002.B"].parent], out)  # a folder
+    clusters, tasks = [], []
+    real_local_client, real_run_on = conv.local_client, conv._run_on
+
+    def spy_local_client(n, **kw):
+        clusters.append((n, kw))
+        return real_local_client(n, **kw)
+
+    def spy_run_on(client, todo, *a, **kw):
+        tasks.append((type(client).__name__, len(todo), kw.get("threads")))
+        return real_run_on(client, todo, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv, "local_client", spy_local_client)
+        mp.setattr(conv, "_run_on", spy_run_on)
+        reports = _run([bgee_sources["SRPT00002.B"].parent], out, workers=None)  # a folder
     assert [r.status for r in reports] == ["converted"] * 3, [r.message for r in reports]
+    cores = conv.cpu_count()
+    assert clusters == [(max(1, min(3, cores // 4)), {"processes": False})]
+    assert tasks == [("Client", 3, max(1, cores // clusters[0][0]))]
+    assert kept_bytes() == 0  # the threads' working arrays are released with the cluster
     return out, reports
 
 

@@ -9,6 +9,7 @@ on one core, the fused one is under half of that and runs on every core.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -115,3 +116,27 @@ def scan_csr(
     for _, _, _, counts in results[1:]:
         gene_nnz += counts
     return RowScan(first_bad[0], first_bad[1], totals, detected, gene_nnz, any(u for _, _, u, _ in results))
+
+
+_WARMED = threading.Event()
+_WARM_LOCK = threading.Lock()
+
+
+def warm_up_in_background() -> None:
+    """Load numba and the scan kernel on a helper thread, once per process.
+
+    numba's first call in a process sets up its compiler and loads the kernel's cached machine
+    code: 0.3 s, which the first file paid right after decoding, on its critical path. Started
+    when a conversion begins, it happens while the file is decoded (threads that hardly need
+    the GIL) instead.
+    """
+    with _WARM_LOCK:
+        if _WARMED.is_set():
+            return
+        _WARMED.set()
+
+    def warm() -> None:
+        indptr = np.array([0, 1], dtype=np.int64)
+        scan_csr(indptr, np.zeros(1, np.int32), np.ones(1, np.float32), 1)
+
+    threading.Thread(target=warm, name="bgee-dask-warm-up", daemon=True).start()

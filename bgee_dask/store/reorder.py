@@ -24,7 +24,6 @@ from queue import Full, Queue
 from typing import Protocol, TypeVar
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._runtime import release_free_heap
 from ..h5ad.source import H5adSource
@@ -141,7 +140,7 @@ def stream_sorted(
         gene_nnz = np.zeros(source.n_vars, dtype=np.int64)
         if source.format == "csc":
             for block in prefetch(source.iter_csc_blocks(nnz_per_block=read_nnz)):
-                csr = sp.csc_matrix(
+                csr = _scipy_sparse().csc_matrix(
                     (block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start)
                 ).tocsr()
                 csr.sort_indices()
@@ -259,6 +258,13 @@ def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:
         thread.join()
 
 
+def _scipy_sparse():
+    """scipy.sparse, for CSC sources only: importing it costs 0.15 s, and Bgee writes CSR."""
+    import scipy.sparse
+
+    return scipy.sparse
+
+
 def _permuted_indptr(indptr: np.ndarray, perm: np.ndarray) -> np.ndarray:
     lengths = np.diff(indptr)[perm]
     out = np.zeros(len(perm) + 1, dtype=np.int64)
@@ -283,7 +289,7 @@ def _read_all_csr(
         indptr = np.concatenate([[0], *[p.indptr[1:] + off for p, off in _offsets(parts)]])
         indices = np.concatenate([p.indices for p in parts]) if parts else np.empty(0, np.int32)
         data = np.concatenate([p.data for p in parts]) if parts else np.empty(0, source.dtype)
-        csr = sp.csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
+        csr = _scipy_sparse().csc_matrix((data, indices, indptr), shape=(source.n_obs, source.n_vars)).tocsr()
         csr.sort_indices()
         indptr, indices, data = csr.indptr.astype(np.int64), csr.indices.astype(np.int32), csr.data
     elif source.nnz is None:  # dense: sizes are known once it is read

@@ -25,6 +25,7 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
 from .._runtime import release_free_heap
+from ..h5ad import value_check
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
 from . import scratch
@@ -247,6 +248,7 @@ def write_experiment(
     enough to be reordered in memory is decoded meanwhile, on a thread of its own: reading and
     sorting obs holds the GIL (h5py, pandas) while decoding barely needs it, so the two overlap.
     """
+    value_check.warm_up_in_background()
     with scratch.lease() as working, ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
         decoded = start_decoding(
             source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
