@@ -16,7 +16,7 @@ import zarr
 import bgee_dask.store.layout as layout
 import bgee_dask.store.writer as writer
 from bgee_dask.h5ad.source import H5adSource
-from bgee_dask.store import scratch
+from bgee_dask.store import scratch, shards
 from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
 from bgee_dask.store.reorder import stream_sorted
 from bgee_dask.store.runs import runs_table
@@ -125,6 +125,46 @@ def test_shard_writer_checks_the_count(tmp_path):
     assert not (tmp_path / "s.zarr" / "v" / "c" / "3").exists()
     with pytest.raises(RuntimeError, match="more values"):
         w.advance(21)
+
+
+def _aligned_room(payload: bytes) -> memoryview:
+    """``payload`` at the start of a 4 KiB-aligned buffer with room to the next boundary, as shards are encoded."""
+    raw = np.full(len(payload) + 3 * shards._ALIGN, 0xAB, dtype=np.uint8)
+    room = memoryview(raw)[-raw.ctypes.data % shards._ALIGN :]
+    room[: len(payload)] = payload
+    return room
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 100_003])
+def test_write_file_writes_exactly_the_bytes(tmp_path, size):
+    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "a" / "b" / "shard"
+    shards.write_file(str(path), _aligned_room(payload), size)
+    assert path.read_bytes() == payload  # no padding left behind
+    shards.write_file(str(path), _aligned_room(payload[: size // 2]), size // 2)  # rewritten shorter
+    assert path.read_bytes() == payload[: size // 2]
+
+
+def test_write_file_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT gets ordinary writes, with the same bytes."""
+    import errno
+    import os
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setitem(shards._DIRECT, "ok", True)
+    monkeypatch.setattr(os, "open", refusing_open)
+    payload = bytes(range(256)) * 40
+    shards.write_file(str(tmp_path / "s"), _aligned_room(payload), len(payload))
+    assert (tmp_path / "s").read_bytes() == payload
+    assert shards._DIRECT["ok"] is False  # not tried again in this process
+    shards.write_file(str(tmp_path / "t"), _aligned_room(payload), 1000)
+    assert (tmp_path / "t").read_bytes() == payload[:1000]
 
 
 def test_scratch_lease_reuses_buffers_and_releases_them():

@@ -140,9 +140,11 @@ def stream_sorted(
         gene_nnz = np.zeros(source.n_vars, dtype=np.int64)
         if source.format == "csc":
             for block in prefetch(source.iter_csc_blocks(nnz_per_block=read_nnz)):
-                csr = _scipy_sparse().csc_matrix(
-                    (block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start)
-                ).tocsr()
+                csr = (
+                    _scipy_sparse()
+                    .csc_matrix((block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start))
+                    .tocsr()
+                )
                 csr.sort_indices()
                 rows = np.flatnonzero(np.diff(csr.indptr))
                 t = np.zeros(n, dtype=np.float64)

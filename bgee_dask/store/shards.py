@@ -9,6 +9,8 @@ zarr; tests check that zarr reads back exactly what was written.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
@@ -22,6 +24,10 @@ from .layout import BloscSettings
 from .scratch import Lease
 
 _EMPTY = np.uint64(2**64 - 1)
+#: O_DIRECT needs buffers, lengths and offsets aligned to the device's block size; 4 KiB covers them.
+_ALIGN = 4096
+#: Whether to try O_DIRECT; turned off for the process at the first file system that refuses it.
+_DIRECT = {"ok": hasattr(os, "O_DIRECT")}
 
 
 def _crc32c(payload: bytes) -> bytes:
@@ -69,6 +75,8 @@ class ShardWriter:
         store_path = array.store_path
         self._store = store_path.store
         self._prefix = store_path.path
+        # shards of a local store are written by us, with O_DIRECT where the file system allows
+        self._local_root = str(self._store.root) if isinstance(self._store, zarr.storage.LocalStore) else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-shard")
         self._pending: Future | None = None
         self._out: np.ndarray | None = None  # the encoded shard, reused (bytes)
@@ -138,16 +146,21 @@ class ShardWriter:
             self._wait()  # a single buffer is refilled only once it is written
 
     def _write_shard(self, index: int, values: np.ndarray) -> None:
-        shard_bytes = self._encode_shard(values)
+        room, size = self._encode_shard(values)
         chunk_key = self.array.metadata.encode_chunk_key((index,))
         # an array at the store root has an empty path: "/c/0" would escape the store
         key = f"{self._prefix}/{chunk_key}" if self._prefix else chunk_key
-        buf = default_buffer_prototype().buffer.from_bytes(shard_bytes)
-        sync(self._store.set(key, buf))
-        self.bytes_written += len(shard_bytes)
+        if self._local_root is not None:
+            write_file(os.path.join(self._local_root, key), room, size)
+        else:
+            buf = default_buffer_prototype().buffer.from_bytes(room[:size])
+            sync(self._store.set(key, buf))
+        self.bytes_written += size
 
-    def _encode_shard(self, values: np.ndarray) -> memoryview:
-        """The shard's bytes, in a buffer reused for every shard (valid until the next call)."""
+    def _encode_shard(self, values: np.ndarray) -> tuple[memoryview, int]:
+        """The shard's bytes, at the start of a buffer reused for every shard (valid until the next
+        call), and their number. The buffer starts on a 4 KiB boundary and has room beyond the
+        bytes up to the next one (see ``write_file``)."""
         per_shard = self.shard // self.chunk
         pieces = []
         for i in range(per_shard):
@@ -169,16 +182,54 @@ class ShardWriter:
             offset += len(blob)
         index_bytes = index.tobytes()
         total = offset + len(index_bytes) + 4
-        if self._out is None or self._out.size < total:
+        if self._out is None or self._out.size < total + 2 * _ALIGN:
             if self._out is not None and self._scratch is not None:
                 self._scratch.give_back(self._out)
             # room for a whole shard that does not compress at all, so this happens once per array
             worst = per_shard * (self.chunk * self.dtype.itemsize + 32) + len(index_bytes) + 4
             allocate = self._scratch.empty if self._scratch is not None else np.empty
-            self._out = allocate(max(total, worst), np.dtype(np.uint8))
-        out = memoryview(self._out)
+            self._out = allocate(max(total, worst) + 2 * _ALIGN, np.dtype(np.uint8))
+        out = memoryview(self._out)[-self._out.ctypes.data % _ALIGN :]
         pos = 0
         for blob in (*encoded, index_bytes, _crc32c(index_bytes)):
             out[pos : pos + len(blob)] = blob
             pos += len(blob)
-        return out[:total]
+        return out, total
+
+
+def write_file(path: str, room: memoryview, size: int) -> None:
+    """Write the first ``size`` bytes of ``room`` as the file ``path``.
+
+    With O_DIRECT where the file system takes it: the bytes go from our reused buffer to the
+    device instead of being copied into freshly allocated page-cache pages. On these virtual
+    machines that copy ran at ~0.5 GB/s and was a tenth of a conversion's CPU (dd: 0.43 GB/s
+    buffered, 1.2 GB/s direct); a direct write costs almost no CPU and waits on the writer
+    thread. O_DIRECT needs the buffer, length and offset aligned to the device's block size:
+    ``room`` starts on a 4 KiB boundary, the write is padded to a multiple of 4 KiB from the
+    room beyond ``size``, and the file is then cut back to ``size``. A file system that refuses
+    O_DIRECT (tmpfs) or the alignment gets an ordinary write, and so do the later files.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if _DIRECT["ok"]:
+        padded = -(-size // _ALIGN) * _ALIGN
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _DIRECT["ok"] = False
+        else:
+            try:
+                written = 0
+                while written < padded:
+                    written += os.write(fd, room[written:padded])
+                os.ftruncate(fd, size)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _DIRECT["ok"] = False
+            finally:
+                os.close(fd)
+    with open(path, "wb") as fh:
+        fh.write(room[:size])
