@@ -21,8 +21,10 @@ EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 
 
-def _add_cluster_options(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
-    g = p.add_argument_group("where to compute (default: a local cluster of worker processes)")
+def _add_cluster_options(
+    p: argparse.ArgumentParser, *, workers: bool = True, default: str = "a local cluster of worker processes"
+) -> None:
+    g = p.add_argument_group(f"where to compute (default: {default})")
     g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     if workers:
         g.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster")
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the gene-major copy (smaller atlas, slower gene-slice queries)",
     )
-    _add_cluster_options(p)
+    _add_cluster_options(p, default="Dask worker threads in this process, each file using every core")
 
     p = sub.add_parser("info", help="list the experiments of an atlas")
     p.add_argument("atlas", metavar="ATLAS")
