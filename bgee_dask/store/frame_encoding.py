@@ -94,7 +94,9 @@ class _Objects:
 def _plain_strings(values: pd.Series | pd.Index) -> np.ndarray | None:
     """The values as an object array of str, or None if any is missing or not a str."""
     arr = np.asarray(values, dtype=object)
-    if not all(isinstance(v, str) for v in arr):
+    # pandas' C check: "string" when every value is a str ("empty" for none); a Python loop of
+    # isinstance calls was 0.03 s per 25k-cell file
+    if arr.size and pd.api.types.infer_dtype(arr, skipna=False) != "string":
         return None
     return arr
 
