@@ -25,7 +25,7 @@ from deflate import _deflate
 _DEFLATE = h5py.h5z.FILTER_DEFLATE
 _SHUFFLE = h5py.h5z.FILTER_SHUFFLE
 #: Chunks decoded per thread-pool task (and read with one system call when they are neighbours).
-_CHUNKS_PER_TASK = 16
+_CHUNKS_PER_TASK = 48
 
 
 def _libdeflate() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr, ctypes._CFuncPtr]:

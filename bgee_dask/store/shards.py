@@ -26,6 +26,8 @@ from .scratch import Lease
 _EMPTY = np.uint64(2**64 - 1)
 #: O_DIRECT needs buffers, lengths and offsets aligned to the device's block size; 4 KiB covers them.
 _ALIGN = 4096
+#: Inner chunks encoded per thread-pool task.
+_PIECES_PER_TASK = 8
 #: Whether to try O_DIRECT; turned off for the process at the first file system that refuses it.
 _DIRECT = {"ok": hasattr(os, "O_DIRECT")}
 
@@ -172,7 +174,9 @@ class ShardWriter:
             pieces.append(part)
         encode: Callable[[np.ndarray], bytes] = self.codec.encode
         if self.executor is not None and len(pieces) > 1:
-            encoded = list(self.executor.map(encode, pieces))
+            # a few pieces per task: one task per 512 KiB piece cost a thread wake-up per piece
+            groups = [pieces[i : i + _PIECES_PER_TASK] for i in range(0, len(pieces), _PIECES_PER_TASK)]
+            encoded = [blob for group in self.executor.map(lambda g: [encode(p) for p in g], groups) for blob in group]
         else:
             encoded = [encode(p) for p in pieces]
         index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
