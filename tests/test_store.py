@@ -444,12 +444,16 @@ def _shuffled_rows(path: Path, seed: int = 5) -> Path:
     return path
 
 
+@pytest.mark.parametrize("small_shards", [False, True], ids=["one-shard", "many-shards"])
 @pytest.mark.parametrize("unsorted", [False, True])
 @pytest.mark.parametrize("spill", [None, "many-buckets"])
-def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsorted):
+def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsorted, small_shards):
     from bgee_dask.store import gene_index as gi
 
     monkeypatch.setattr(gi, "GENE_BUCKET_NNZ", 211)  # many gene ranges
+    if small_shards:  # many shards: genes cut by shard edges are written by both neighbours
+        monkeypatch.setattr(layout, "VALUES_CHUNK", 64)
+        monkeypatch.setattr(layout, "VALUES_SHARD", 320)
     src = _source_file(tmp_path, "csr")
     if unsorted:
         _shuffled_rows(src)

@@ -119,13 +119,17 @@ def order_by_gene(genes, cells, values, gene_start, gene_offsets, out_cells, out
 
 
 @numba.njit(nogil=True, cache=True)
-def gene_range_of_rows(perm, indptr, indices, data, g0, g1, gene_pos, out_cells, out_values):  # pragma: no cover
-    """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene.
+def gene_window_of_rows(
+    perm, indptr, indices, data, g0, g1, gene_pos, v0, v1, out_cells, out_values
+):  # pragma: no cover - jit
+    """Values of genes ``[g0, g1)`` of rows ``perm[0], perm[1], ...``, gene by gene, in the window ``[v0, v1)``.
 
     Rows are numbered by their position in ``perm``. Row indices must be sorted: each row's
-    first value of the range is found by bisection, so calls for different gene ranges share
-    no state and run on different threads. ``gene_pos[g - g0]`` is where gene ``g``'s next
-    value goes (advanced here), which keeps each gene's rows increasing.
+    first value of the genes is found by bisection, so calls share no state and run on
+    different threads. ``gene_pos[g - g0]`` is where gene ``g``'s next value goes in the
+    gene-major order (advanced here), which keeps each gene's rows increasing; a value placed
+    at ``p`` is written to ``out[p - v0]`` when ``v0 <= p < v1`` and skipped otherwise (the
+    genes cut by the window's edges).
     """
     for d in range(perm.shape[0]):
         r = perm[d]
@@ -142,8 +146,9 @@ def gene_range_of_rows(perm, indptr, indices, data, g0, g1, gene_pos, out_cells,
         while k < end and indices[k] < g1:
             j = indices[k] - g0
             p = gene_pos[j]
-            out_cells[p] = d
-            out_values[p] = data[k]
+            if v0 <= p < v1:
+                out_cells[p - v0] = d
+                out_values[p - v0] = data[k]
             gene_pos[j] = p + 1
             k += 1
 

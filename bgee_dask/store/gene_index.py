@@ -16,7 +16,6 @@ conversion already holds, whatever the file size.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
-from .csr_kernels import gene_range_of_rows, order_by_gene, scatter_by_bucket
+from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
 from .scratch import Lease
@@ -120,22 +119,10 @@ class GeneIndexBuilder:
                 self.executor,
                 self.scratch,
             )
-            # one pair of buffers for every gene range: fresh ones would be page-faulted in each time
-            sizes = self.indptr[self.bounds[1:]] - self.indptr[self.bounds[:-1]]
-            largest = int(sizes.max()) if sizes.size else 0
-            allocate = self.scratch.empty if self.scratch is not None else np.empty
-            cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
-            for k in range(len(self.bounds) - 1):
-                g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
-                n = int(sizes[k])
-                self._gene_range(k, g0, g1, cells_buf[:n], values_buf[:n])
-                cells_out.append(cells_buf[:n])
-                data_out.append(values_buf[:n])
-            self._matrix = None
-            if self.scratch is not None:
-                self.scratch.give_back(cells_buf)
-                self.scratch.give_back(values_buf)
-            del cells_buf, values_buf
+            if self._matrix is not None:
+                self._write_from_matrix(cells_out, data_out)
+            else:
+                self._write_from_spill(cells_out, data_out)
             cells_out.close()
             data_out.close()
             write_indptr_array(root, "indptr", self.indptr, self.codec)
@@ -153,36 +140,63 @@ class GeneIndexBuilder:
         finally:
             self.discard()
 
-    def _gene_range(self, k: int, g0: int, g1: int, out_cells: np.ndarray, out_values: np.ndarray) -> None:
-        """Cell rows and values of genes ``[g0, g1)`` into the outputs, gene by gene, each gene's rows increasing."""
-        size = out_cells.size
-        if size == 0:
-            return
-        if self._matrix is not None:
-            m = self._matrix
-            # the range in pieces of about equal values, on the executor's threads: the
-            # pieces' genes, hence their places in the outputs, do not overlap
-            cuts = np.searchsorted(self.indptr[g0 : g1 + 1], np.linspace(0, size, 3) + self.indptr[g0])
-            edges = np.unique(np.concatenate([[g0], g0 + cuts.clip(0, g1 - g0), [g1]]))
-            pieces = list(itertools.pairwise(edges.tolist()))
+    def _write_from_matrix(self, cells_out: ShardWriter, data_out: ShardWriter) -> None:
+        """Transpose the in-memory matrix straight into the shard buffers, one shard at a time.
 
-            def piece(bounds: tuple[int, int]) -> None:
-                a, b = bounds
-                gene_pos = self.indptr[a:b] - self.indptr[g0]  # a copy: the kernel advances it
-                gene_range_of_rows(m.perm, m.indptr, m.indices, m.data, a, b, gene_pos, out_cells, out_values)
-
-            if self.executor is not None and len(pieces) > 1:
-                for _ in self.executor.map(piece, pieces):
+        A shard holds the genes whose values fall in its span; the genes cut by its edges are
+        taken by both neighbours, each keeping its own part. Each shard is transposed in two
+        halves of about equal values on the executor's threads (their genes, hence their places
+        in the shard, do not overlap).
+        """
+        indptr = self.indptr
+        while (room_cells := cells_out.writable()).size:
+            v0 = cells_out.written
+            v1 = v0 + room_cells.size
+            room_values = data_out.writable()[: room_cells.size]
+            g0 = int(np.searchsorted(indptr, v0, side="right")) - 1  # the gene holding value v0
+            g1 = int(np.searchsorted(indptr, v1, side="left"))  # the first gene starting at v1 or later
+            mid = int(np.searchsorted(indptr, (v0 + v1) // 2, side="left"))
+            cut = max(g0, min(mid, g1))
+            jobs = [(a, b, v0, v1, room_cells, room_values) for a, b in ((g0, cut), (cut, g1)) if b > a]
+            if self.executor is not None and len(jobs) > 1:
+                for _ in self.executor.map(self._transpose, jobs):
                     pass
             else:
-                for bounds in pieces:
-                    piece(bounds)
-            return
-        cells, genes, values = self._load(k)
-        if cells.size != size:
-            raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {size}")
-        offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
-        order_by_gene(genes, cells, values, g0, offsets, out_cells, out_values)
+                for job in jobs:
+                    self._transpose(job)
+            cells_out.advance(room_cells.size)
+            data_out.advance(room_cells.size)
+        self._matrix = None
+
+    def _transpose(self, job: tuple[int, int, int, int, np.ndarray, np.ndarray]) -> None:
+        """Genes ``[a, b)`` of the matrix, their values in the window ``[v0, v1)`` into the rooms."""
+        a, b, v0, v1, room_cells, room_values = job
+        m = self._matrix
+        assert m is not None
+        gene_pos = self.indptr[a:b].copy()  # each gene's next value's place in the whole array
+        gene_window_of_rows(m.perm, m.indptr, m.indices, m.data, a, b, gene_pos, v0, v1, room_cells, room_values)
+
+    def _write_from_spill(self, cells_out: ShardWriter, data_out: ShardWriter) -> None:
+        """Put each gene range's spill file in gene order and append it."""
+        # one pair of buffers for every gene range: fresh ones would be page-faulted in each time
+        sizes = self.indptr[self.bounds[1:]] - self.indptr[self.bounds[:-1]]
+        largest = int(sizes.max()) if sizes.size else 0
+        allocate = self.scratch.empty if self.scratch is not None else np.empty
+        cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
+        for k in range(len(self.bounds) - 1):
+            g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
+            n = int(sizes[k])
+            if n:
+                cells, genes, values = self._load(k)
+                if cells.size != n:
+                    raise RuntimeError(f"gene bucket {k} holds {cells.size} values, expected {n}")
+                offsets = self.indptr[g0 : g1 + 1] - self.indptr[g0]
+                order_by_gene(genes, cells, values, g0, offsets, cells_buf[:n], values_buf[:n])
+            cells_out.append(cells_buf[:n])
+            data_out.append(values_buf[:n])
+        if self.scratch is not None:
+            self.scratch.give_back(cells_buf)
+            self.scratch.give_back(values_buf)
 
     def discard(self) -> None:
         if getattr(self, "workdir", None):
