@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 
 def current_client() -> Any | None:
     """The ``distributed.Client`` this process is using, if any."""
+    if "distributed" not in sys.modules:  # no client without it; importing it costs 0.3 s
+        return None
     try:
         from distributed import get_client
 
@@ -21,30 +24,14 @@ def current_client() -> Any | None:
 
 
 @contextlib.contextmanager
-def local_client(
-    n_workers: int | None = None, threads_per_worker: int = 1, *, processes: bool = True, **kwargs: Any
-) -> Iterator[Any]:
-    """A throw-away local cluster, closed on exit (``kwargs``: LocalCluster's, e.g. preload).
-
-    ``processes=False`` runs the workers as threads of this process (one worker with
-    ``n_workers`` threads): no start-up, no second copy of the imports.
-    """
-    import dask
+def local_client(n_workers: int | None = None, threads_per_worker: int = 1, **kwargs: Any) -> Iterator[Any]:
+    """A throw-away local cluster of worker processes, closed on exit (``kwargs``: LocalCluster's, e.g. preload)."""
     from distributed import Client, LocalCluster
 
     n = n_workers or os.cpu_count() or 1
     kwargs.setdefault("dashboard_address", None)
-    if processes:
-        kwargs.setdefault("host", "127.0.0.1")
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, **kwargs)
-        with cluster, Client(cluster) as client:
-            yield client
-        return
-    # The worker's profiler samples every thread's stack each 10 ms, holding the GIL: in this
-    # process that is the tasks' own threads (measured: +8% on a conversion). No dashboard
-    # shows the profile of a throw-away cluster anyway.
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
-        cluster = LocalCluster(n_workers=1, threads_per_worker=n * threads_per_worker, processes=False, **kwargs)
+    kwargs.setdefault("host", "127.0.0.1")
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, **kwargs)
     with cluster, Client(cluster) as client:
         yield client
 

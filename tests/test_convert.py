@@ -75,30 +75,40 @@ def primary_atlas(tmp_path_factory, bgee_sources):
 
 @pytest.fixture(scope="module")
 def variant_atlas(tmp_path_factory, bgee_sources):
-    """Converted the default way (a folder, ``workers=None``): Dask worker threads in this process."""
+    """Converted the default way (a folder, ``workers=None``): Dask tasks on the threaded scheduler."""
+    import threading
+
+    from dask.callbacks import Callback
+
     import bgee_dask.atlas.convert as conv
 
     out = tmp_path_factory.mktemp("variants") / "atlas"
-    clusters, tasks = [], []
-    real_local_client, real_run_on = conv.local_client, conv._run_on
+    calls, tasks, threads_used = [], [], []
+    real_run_threads, real_convert_file = conv._run_threads, conv.convert_file
 
-    def spy_local_client(n, **kw):
-        clusters.append((n, kw))
-        return real_local_client(n, **kw)
+    def spy_convert_file(*a, **k):
+        threads_used.append(threading.current_thread() is threading.main_thread())
+        return real_convert_file(*a, **k)
 
-    def spy_run_on(client, todo, *a, **kw):
-        tasks.append((type(client).__name__, len(todo), kw.get("threads")))
-        return real_run_on(client, todo, *a, **kw)
+    def spy_run_threads(todo, loc, kwargs, progress, n, threads):
+        calls.append((len(todo), n, threads))
+        return real_run_threads(todo, loc, kwargs, progress, n, threads)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(conv, "local_client", spy_local_client)
-        mp.setattr(conv, "_run_on", spy_run_on)
+    class Tasks(Callback):  # sees every task a local dask scheduler runs
+        def _posttask(self, key, result, dsk, state, worker_id):
+            tasks.append(type(result).__name__)
+
+    with pytest.MonkeyPatch.context() as mp, Tasks():
+        mp.setattr(conv, "_run_threads", spy_run_threads)
+        mp.setattr(conv, "convert_file", spy_convert_file)
         reports = _run([bgee_sources["SRPT00002.B"].parent], out, workers=None)  # a folder
     assert [r.status for r in reports] == ["converted"] * 3, [r.message for r in reports]
     cores = conv.cpu_count()
-    assert clusters == [(max(1, min(3, cores // 4)), {"processes": False})]
-    assert tasks == [("Client", 3, max(1, cores // clusters[0][0]))]
-    assert kept_bytes() == 0  # the threads' working arrays are released with the cluster
+    n = max(1, min(3, cores // 4))
+    assert calls == [(3, n, max(1, cores // n))]
+    assert tasks.count("ConversionReport") == 3  # one dask task per file
+    assert threads_used == [False] * 3  # run by the scheduler's worker threads
+    assert kept_bytes() == 0  # the threads' working arrays are released at the end
     return out, reports
 
 

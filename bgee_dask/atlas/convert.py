@@ -337,11 +337,11 @@ def convert(
     genes read megabytes instead of whole matrices, at the cost of a second copy of the values.
 
     Files are converted as Dask tasks: on ``client`` when given, else on the current client,
-    else on a local cluster started for the call: by default worker threads in this process
-    (one per four cores, each file decoding and encoding on its share of the cores), with
-    ``workers=N`` that many worker processes; ``workers=1`` converts in this process without
-    Dask. Bad files are reported, not raised, and never stop the others; an object store that
-    cannot be written raises ``StorageAccessError`` before any file is read.
+    else by default on dask's threaded scheduler in this process (one file per four cores at a
+    time, each decoding and encoding on its share of the cores); ``workers=N`` starts a local
+    cluster of N worker processes, and ``workers=1`` converts in this process without Dask.
+    Bad files are reported, not raised, and never stop the others; an object store that cannot
+    be written raises ``StorageAccessError`` before any file is read.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -365,25 +365,25 @@ def convert(
         finally:
             release_scratch()
         consolidate(loc)
-    elif client is None:
+    elif client is None and workers is None:
+        # Tasks of dask's threaded scheduler, in this process: a file already keeps every core
+        # busy (decoding and encoding run on its own thread pool), so worker processes only added
+        # their start-up and a second copy of the imports (2 cores, 8 files: 10.2-10.8 s with two
+        # processes, 8.7-9.3 s in threads), and an in-process distributed cluster only its event
+        # loop. Many cores: a few files at once, each with its share of the cores.
         cores = cpu_count()
-        if workers is None:
-            # Threads of this process: a file already keeps every core busy (decoding and encoding
-            # run on its own thread pool), so worker processes only added their start-up and
-            # imports (measured on 2 cores, 8 files: 10.2-10.8 s with two processes, 8.5-9.2 s here).
-            # Many cores: a few files at once, each with its share of the cores.
-            n, processes = max(1, min(len(todo), cores // 4)), False
-        else:
-            n, processes = min(len(todo), workers), True
-        threads = max(1, cores // n)
+        n = max(1, min(len(todo), cores // 4))
+        try:
+            reports += _run_threads(todo, loc, kwargs, progress, n, threads=max(1, cores // n))
+        finally:
+            release_scratch()
+        consolidate(loc)
+    elif client is None:
+        n = min(len(todo), workers)
         with ThreadPoolExecutor(1) as background:
-            with local_client(n, processes=processes) as local:
-                try:
-                    reports += _run_on(local, todo, loc, kwargs, progress, threads=threads)
-                finally:
-                    if not processes:
-                        release_scratch()  # the kept buffers are this process's own
-                # the catalog is consolidated while the cluster shuts down
+            with local_client(n) as local:
+                reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
+                # the catalog is consolidated while the cluster shuts down (0.7 s)
                 consolidated = background.submit(consolidate, loc)
             consolidated.result()
     else:
@@ -415,6 +415,24 @@ def _run_serial(todo, loc, kwargs, progress) -> list[ConversionReport]:
     for path in tqdm(todo, desc="converting", unit="file", disable=not progress or not todo):
         out.append(convert_file(path, loc, **kwargs))
     return out
+
+
+def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionReport]:
+    """One Dask task per file on dask's threaded scheduler (``n`` at a time), with a progress bar."""
+    import dask
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
+
+    tasks = [dask.delayed(convert_file, pure=False)(path, loc, threads=threads, **kwargs) for path in todo]
+    with tqdm(total=len(tasks), desc="converting", unit="file", disable=not progress or not tasks) as bar:
+
+        class FileDone(Callback):
+            def _posttask(self, key, result, dsk, state, worker_id) -> None:
+                if isinstance(result, ConversionReport):
+                    bar.update(1)
+
+        with FileDone():
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
 
 
 def _run_on(client, todo, loc, kwargs, progress, threads) -> list[ConversionReport]:
