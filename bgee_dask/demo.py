@@ -18,7 +18,7 @@ DEMO_GENES = 8000
 
 
 def run_demo(workdir: str | os.PathLike = "bgee-demo", *, workers: int | None = None) -> int:
-    """Generate Bgee-like files, convert them on a local Dask cluster, query, write a table and a plot."""
+    """Generate Bgee-like files, convert and query them with Dask on this machine, write a table and a plot."""
     workdir = os.fspath(workdir)
     sources = os.path.join(workdir, "h5ad")
     atlas_dir = os.path.join(workdir, "atlas")
@@ -35,7 +35,7 @@ def run_demo(workdir: str | os.PathLike = "bgee-demo", *, workers: int | None = 
         )
     else:
         print(f"1/4 reusing the Bgee-like experiments in {sources}")
-    print(f"2/4 converting into the atlas {atlas_dir} (local Dask cluster)")
+    print(f"2/4 converting into the atlas {atlas_dir} (Dask tasks on the threads of this process)")
     reports = convert(sources, atlas_dir, workers=workers)
     failed = [r for r in reports if not r.ok]
     for r in reports:
