@@ -368,8 +368,8 @@ def convert(
     elif client is None and workers is None:
         # Tasks of dask's threaded scheduler, in this process: a file already keeps every core
         # busy (decoding and encoding run on its own thread pool), so worker processes only added
-        # their start-up and a second copy of the imports (2 cores, 8 files: 10.2-10.8 s with two
-        # processes, 8.7-9.3 s in threads), and an in-process distributed cluster only its event
+        # their start-up and a second copy of the imports (bench_convert, 2 cores, 8 files: 12.45 s
+        # on two processes, 10.88 s here), and an in-process distributed cluster only its event
         # loop. Many cores: a few files at once, each with its share of the cores.
         cores = cpu_count()
         n = max(1, min(len(todo), cores // 4))
