@@ -21,21 +21,28 @@ OK, NAN, INFINITE, NEGATIVE, TOO_LARGE, INDEX_OUT_OF_RANGE = range(6)
 FLOAT32_EXACT = 1 << 24
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _problem(v, i, bound, check_int_range):  # pragma: no cover - jit
+    """What is wrong with one value ``v`` at gene index ``i`` (OK when nothing)."""
+    if v != v:
+        return NAN
+    if v < 0:
+        return NEGATIVE
+    if check_int_range and v >= FLOAT32_EXACT:
+        return TOO_LARGE
+    if v - v != 0:  # +inf (-inf was negative)
+        return INFINITE
+    if i < 0 or i >= bound:
+        return INDEX_OUT_OF_RANGE
+    return OK
+
+
 @numba.njit(nogil=True, cache=True)
 def _first_problem(data, indices, bound, check_int_range):  # pragma: no cover - jit
     for k in range(data.shape[0]):
-        v = data[k]
-        if v != v:
-            return NAN, k
-        if v < 0:
-            return NEGATIVE, k
-        if check_int_range and v >= FLOAT32_EXACT:
-            return TOO_LARGE, k
-        if v - v != 0:  # +inf (-inf was negative)
-            return INFINITE, k
-        i = indices[k]
-        if i < 0 or i >= bound:
-            return INDEX_OUT_OF_RANGE, k
+        code = _problem(data[k], indices[k], bound, check_int_range)
+        if code != OK:
+            return code, k
     return OK, -1
 
 
@@ -58,15 +65,10 @@ def _scan_rows(indptr, indices, data, r0, r1, bound, totals, detected, gene_coun
         prev = -1
         for k in range(indptr[r], indptr[r + 1]):
             v = data[k]
-            if v != v:
-                return NAN, k, unsorted
-            if v < 0:
-                return NEGATIVE, k, unsorted
-            if v - v != 0:
-                return INFINITE, k, unsorted
             i = indices[k]
-            if i < 0 or i >= bound:
-                return INDEX_OUT_OF_RANGE, k, unsorted
+            code = _problem(v, i, bound, False)
+            if code != OK:
+                return code, k, unsorted
             if i < prev:
                 unsorted = True
             prev = i
@@ -118,7 +120,7 @@ def scan_csr(
     return RowScan(first_bad[0], first_bad[1], totals, detected, gene_nnz, any(u for _, _, u, _ in results))
 
 
-_WARMED = threading.Event()
+_WARM = {"started": False}
 _WARM_LOCK = threading.Lock()
 
 
@@ -131,9 +133,9 @@ def warm_up_in_background() -> None:
     the GIL) instead.
     """
     with _WARM_LOCK:
-        if _WARMED.is_set():
+        if _WARM["started"]:
             return
-        _WARMED.set()
+        _WARM["started"] = True
 
     def warm() -> None:
         indptr = np.array([0, 1], dtype=np.int64)
