@@ -14,7 +14,7 @@ import itertools
 import json
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -253,96 +253,65 @@ def write_experiment(
         decoded = start_decoding(
             source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
         )
-        return _write_experiment(
-            source,
-            store,
-            provenance=provenance,
-            executor=executor,
-            codec=codec,
-            index_codec=index_codec,
-            spill_dir=spill_dir,
-            in_memory_nnz=in_memory_nnz,
-            gene_index_store=gene_index_store,
-            on_write=on_write,
-            working=working,
-            decoded=decoded,
-        )
+        obs = source.take_obs()
+        perm = sort_order(obs)
+        obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
+        runs = runs_table(obs)
+        obs_columns = [*(str(c) for c in obs.columns), *DERIVED_COLUMNS]
+        out_dtype = source.out_dtype
+        nnz_total = source.nnz
+        root = zarr.open_group(store, mode="w", zarr_format=3)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        var = _compact(source.var.copy())
+        elements = {"obs": obs, "var": var, **{k: {} for k in ("obsm", "varm", "obsp", "varp", "layers", "uns")}}
+        _write_anndata_elements(store, elements)
+        del obs, elements
+        if source.n_obs >= COLLECT_OBS_CELLS:
+            # pandas frames hold reference cycles, and a conversion runs with the cyclic collector
+            # paused: collect now, then hand the freed heap back, before the matrix needs its memory.
+            gc.collect()
+            release_free_heap()
+        x = root.create_group("X")
 
+        # Sizes of data/indices are only known up front for sparse sources; dense ones are counted first.
+        if nnz_total is None:
+            nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-def _write_experiment(
-    source: H5adSource,
-    store: zarr.abc.store.Store,
-    *,
-    provenance: dict[str, Any],
-    executor: Executor | None,
-    codec: BloscSettings,
-    index_codec: BloscSettings,
-    spill_dir: str | None,
-    in_memory_nnz: int,
-    gene_index_store: zarr.abc.store.Store | None,
-    on_write: Callable[[int], None] | None,
-    working: scratch.Lease,
-    decoded: Future | None,
-) -> WrittenStore:
-    obs = source.take_obs()
-    perm = sort_order(obs)
-    obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
-    runs = runs_table(obs)
-    obs_columns = [*(str(c) for c in obs.columns), *DERIVED_COLUMNS]
-    out_dtype = source.out_dtype
-    nnz_total = source.nnz
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    var = _compact(source.var.copy())
-    elements = {"obs": obs, "var": var, **{k: {} for k in ("obsm", "varm", "obsp", "varp", "layers", "uns")}}
-    _write_anndata_elements(store, elements)
-    del obs, elements
-    if source.n_obs >= COLLECT_OBS_CELLS:
-        # pandas frames hold reference cycles, and a conversion runs with the cyclic collector
-        # paused: collect now, then hand the freed heap back, before the matrix needs its memory.
-        gc.collect()
-        release_free_heap()
-    x = root.create_group("X")
-
-    # Sizes of data/indices are only known up front for sparse sources; dense ones are counted first.
-    if nnz_total is None:
-        nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
-
-    data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
-    indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
-    indices_writer = ShardWriter(indices, index_codec, executor, working)
-    genes = None
-    if gene_index_store is not None:
-        genes = GeneIndexBuilder(
-            gene_index_store,
-            source.n_obs,
-            source.n_vars,
-            out_dtype,
-            codec=codec,
-            index_codec=index_codec,
-            executor=executor,
-            spill_dir=spill_dir,
-            scratch=working,
-        )
-    sink = _StoreSink(indices_writer, data_writer, genes, on_write, executor)
-    try:
-        result = stream_sorted(
-            source,
-            perm,
-            sink,
-            out_dtype=out_dtype,
-            spill_dir=spill_dir,
-            in_memory_nnz=in_memory_nnz,
-            allocate=working.empty,
-            decoded=decoded,
-        )
-        data_writer.close()
-        indices_writer.close()
-        if genes is not None:
-            genes.close({"experiment_id": source.experiment_id, "species": source.species})
-    finally:
-        if genes is not None:
-            genes.discard()
+        data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
+        indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
+        indices_writer = ShardWriter(indices, index_codec, executor, working)
+        genes = None
+        if gene_index_store is not None:
+            genes = GeneIndexBuilder(
+                gene_index_store,
+                source.n_obs,
+                source.n_vars,
+                out_dtype,
+                codec=codec,
+                index_codec=index_codec,
+                executor=executor,
+                spill_dir=spill_dir,
+                scratch=working,
+            )
+        sink = _StoreSink(indices_writer, data_writer, genes, on_write, executor)
+        try:
+            result = stream_sorted(
+                source,
+                perm,
+                sink,
+                out_dtype=out_dtype,
+                spill_dir=spill_dir,
+                in_memory_nnz=in_memory_nnz,
+                allocate=working.empty,
+                decoded=decoded,
+            )
+            data_writer.close()
+            indices_writer.close()
+            if genes is not None:
+                genes.close({"experiment_id": source.experiment_id, "species": source.species})
+        finally:
+            if genes is not None:
+                genes.discard()
     write_indptr_array(x, "indptr", result.indptr, codec)
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [source.n_obs, source.n_vars]})
 
