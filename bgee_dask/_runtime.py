@@ -7,8 +7,12 @@ import gc
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def current_client() -> Any | None:
@@ -34,6 +38,13 @@ def local_client(n_workers: int | None = None, threads_per_worker: int = 1, **kw
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True, **kwargs)
     with cluster, Client(cluster) as client:
         yield client
+
+
+def map_on(executor: Executor | None, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]``, on ``executor``'s threads when there is one and more than one item."""
+    if executor is not None and len(items) > 1:
+        return list(executor.map(fn, items))
+    return [fn(x) for x in items]
 
 
 def cpu_count() -> int:

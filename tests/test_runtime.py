@@ -31,3 +31,16 @@ def test_gc_paused_nests_across_threads_and_restores_the_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_map_on_keeps_order_with_and_without_a_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bgee_dask._runtime import map_on
+
+    items = list(range(50))
+    with ThreadPoolExecutor(3) as pool:
+        assert map_on(pool, lambda x: x * x, items) == [x * x for x in items]
+        assert map_on(pool, str, [7]) == ["7"]
+    assert map_on(None, lambda x: -x, items) == [-x for x in items]
+    assert map_on(None, str, []) == []

@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 from deflate import _deflate
 
+from .._runtime import map_on
+
 _DEFLATE = h5py.h5z.FILTER_DEFLATE
 _SHUFFLE = h5py.h5z.FILTER_SHUFFLE
 #: Chunks decoded per thread-pool task (and read with one system call when they are neighbours).
@@ -117,15 +119,7 @@ class ChunkedReader:
         first, last = start // self.chunk, (stop - 1) // self.chunk
         runs = [(i, min(last + 1, i + _CHUNKS_PER_TASK)) for i in range(first, last + 1, _CHUNKS_PER_TASK)]
 
-        def decode(run: tuple[int, int]) -> None:
-            self._decode_run(run[0], run[1], start, stop, out)
-
-        if self.executor is not None and len(runs) > 1:
-            for _ in self.executor.map(decode, runs):
-                pass
-        else:
-            for run in runs:
-                decode(run)
+        map_on(self.executor, lambda run: self._decode_run(run[0], run[1], start, stop, out), runs)
         return out
 
     def _open(self) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .._runtime import map_on
+
 OK, NAN, INFINITE, NEGATIVE, TOO_LARGE, INDEX_OUT_OF_RANGE = range(6)
 #: Integer counts at or above this lose precision as float32.
 FLOAT32_EXACT = 1 << 24
@@ -112,7 +114,7 @@ def scan_csr(
         code, pos, unsorted = _scan_rows(indptr, indices, data, r[0], r[1], n_genes, totals, detected, counts)
         return int(code), int(pos), bool(unsorted), counts
 
-    results = list(executor.map(scan, ranges)) if executor is not None and len(ranges) > 1 else list(map(scan, ranges))
+    results = map_on(executor, scan, ranges)
     first_bad = next(((code, pos) for code, pos, _, _ in results if code != OK), (OK, -1))
     gene_nnz = results[0][3]
     for _, _, _, counts in results[1:]:

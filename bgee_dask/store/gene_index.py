@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
+from .._runtime import map_on
 from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
@@ -158,12 +159,7 @@ class GeneIndexBuilder:
             mid = int(np.searchsorted(indptr, (v0 + v1) // 2, side="left"))
             cut = max(g0, min(mid, g1))
             jobs = [(a, b, v0, v1, room_cells, room_values) for a, b in ((g0, cut), (cut, g1)) if b > a]
-            if self.executor is not None and len(jobs) > 1:
-                for _ in self.executor.map(self._transpose, jobs):
-                    pass
-            else:
-                for job in jobs:
-                    self._transpose(job)
+            map_on(self.executor, self._transpose, jobs)
             cells_out.advance(room_cells.size)
             data_out.advance(room_cells.size)
         self._matrix = None

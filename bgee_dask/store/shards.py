@@ -20,6 +20,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .._runtime import map_on
 from .layout import BloscSettings
 from .scratch import Lease
 
@@ -173,12 +174,9 @@ class ShardWriter:
                 part = np.concatenate([part, np.full(self.chunk - part.size, self.fill, dtype=self.dtype)])
             pieces.append(part)
         encode: Callable[[np.ndarray], bytes] = self.codec.encode
-        if self.executor is not None and len(pieces) > 1:
-            # a few pieces per task: one task per 512 KiB piece cost a thread wake-up per piece
-            groups = [pieces[i : i + _PIECES_PER_TASK] for i in range(0, len(pieces), _PIECES_PER_TASK)]
-            encoded = [blob for group in self.executor.map(lambda g: [encode(p) for p in g], groups) for blob in group]
-        else:
-            encoded = [encode(p) for p in pieces]
+        # a few pieces per task: one task per 512 KiB piece cost a thread wake-up per piece
+        groups = [pieces[i : i + _PIECES_PER_TASK] for i in range(0, len(pieces), _PIECES_PER_TASK)]
+        encoded = [blob for group in map_on(self.executor, lambda g: [encode(p) for p in g], groups) for blob in group]
         index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
         offset = 0
         for i, blob in enumerate(encoded):

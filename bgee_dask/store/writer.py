@@ -24,7 +24,7 @@ import zarr
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
-from .._runtime import release_free_heap
+from .._runtime import map_on, release_free_heap
 from ..h5ad import value_check
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
@@ -94,12 +94,7 @@ class _StoreSink:
             data_room = self.data.writable()[: room.size]
             cuts = np.linspace(0, room.size, self.gather_pieces + 1).astype(np.int64).tolist()
             jobs = [(start + a, room[a:b], data_room[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
-            if self.executor is not None and len(jobs) > 1:
-                for _ in self.executor.map(lambda job: matrix.fill_sorted(*job), jobs):
-                    pass
-            else:
-                for job in jobs:
-                    matrix.fill_sorted(*job)
+            map_on(self.executor, lambda job: matrix.fill_sorted(*job), jobs)
             self.indices.advance(room.size)
             self.data.advance(room.size)
             if self.on_write is not None:
