@@ -388,3 +388,35 @@ def test_converting_bgee_files_does_not_import_anndata(tmp_path, bgee_sources):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_on_matrix_runs_before_the_frames_are_read(bgee_sources):
+    """The hook sees an open, checked matrix (shape, counts) while obs and var are still unread."""
+    seen = {}
+
+    def on_matrix(src: H5adSource):
+        seen.update(shape=(src.n_obs, src.n_vars), nnz=src.nnz, has_obs=hasattr(src, "obs"), var=src.var)
+        return None
+
+    path = bgee_sources["SRPT00004"]
+    with H5adSource(path, on_matrix=on_matrix) as src:
+        reference = ad.read_h5ad(path)
+        assert seen == {"shape": reference.shape, "nnz": reference.X.nnz, "has_obs": False, "var": None}
+        assert src.obs.shape[0] == reference.n_obs and src.var.index.equals(reference.var.index)
+
+
+def test_failed_open_stops_the_callers_reading_before_closing(tmp_path, bgee_sources):
+    """Duplicate cell names are found after the hook ran: what it returned runs while the file is still open."""
+    path = mi.duplicate_cell_names(bgee_sources["SRPT00004"], tmp_path / mi.bgee_name("SRPT93009"))
+    events = []
+
+    def on_matrix(src: H5adSource):
+        def stop() -> None:
+            # the matrix is still readable here: a decode running meanwhile would end cleanly
+            events.append(("stop", int(src._data.read(0, 3).size)))
+
+        return stop
+
+    with pytest.raises(BgeeInputError, match="duplicate cell names"):
+        H5adSource(path, on_matrix=on_matrix)
+    assert events == [("stop", 3)]

@@ -8,6 +8,7 @@ run leaves at most a partial store without a fragment, which the next run replac
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -138,49 +139,75 @@ def _convert_file(
     # conversion then starts its cluster ~0.7 s sooner (anndata alone brings in dask.array, sparse
     # and numba), and the workers' imports run in parallel instead of after it.
     from ..h5ad.source import H5adSource
+    from ..store.writer import decode_matrix
 
     start = time.perf_counter()
     report = ConversionReport(source=path, status="failed")
     threads = threads or cpu_count()
+    size: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
+    kwargs: dict[str, Any] = dict(size)
+    # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
+    # this run may skip the file (its experiment is in the atlas already: the checksum decides).
+    known = _ids_before_opening(path, experiment_id, species)
+    early = known is not None and (overwrite or read_fragment_record(loc, *known) is None)
+    opened: dict[str, Any] = {}
     try:
-        with ThreadPoolExecutor(max(1, threads)) as pool:
+        with ThreadPoolExecutor(max(1, threads)) as pool, contextlib.ExitStack() as decoding:
             sha_future = pool.submit(sha256_file, path) if os.path.isfile(path) else None
-            with H5adSource(path, experiment_id=experiment_id, species=species, executor=pool) as src:
-                report.experiment_id, report.species, report.layout = src.experiment_id, src.species, src.layout
-                sha = sha_future.result() if sha_future else ""
-                existing = read_fragment_record(loc, src.species, src.experiment_id)
-                if existing and not overwrite:
-                    same_name = existing["source_name"] == src.name
-                    if existing["source_sha256"] == sha:
-                        report.status, report.message = "skipped", "unchanged (same sha256)"
-                        report.store = existing["store"]
-                        return report
-                    if not same_name:
-                        raise BgeeInputError(
-                            path,
-                            f"experiment {src.species}/{src.experiment_id} is already in the atlas from "
-                            f"{existing['source_name']}; pass --overwrite to replace it",
-                        )
-                rel = store_relpath(src.species, src.experiment_id)
-                kwargs: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
-                bar = _value_bar(src, progress)
+
+            def sha() -> str:
+                return sha_future.result() if sha_future else ""
+
+            def on_matrix(src: H5adSource):
+                bar = opened["bar"] = _value_bar(src, progress)
                 if bar is not None:
                     src.on_read = kwargs["on_write"] = bar.update
-                provenance = {
-                    "source_name": src.name,
-                    "source_size": os.path.getsize(path),
-                    "source_sha256": sha,
-                    "layout": src.layout,
-                    "counts_source": src.counts_key,
-                    "cpm_in_x": src.cpm_in_x,
-                    "converter": f"bgee-dask {__version__}",
-                    "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                }
+                if not early:
+                    return None
+                kwargs["decoding"] = decoding.enter_context(decode_matrix(src, **size))
+                return decoding.close
+
+            with H5adSource(
+                path, experiment_id=experiment_id, species=species, executor=pool, on_matrix=on_matrix
+            ) as src:
                 try:
-                    written = _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index)
+                    report.experiment_id, report.species, report.layout = src.experiment_id, src.species, src.layout
+                    existing = read_fragment_record(loc, src.species, src.experiment_id)
+                    if existing and not overwrite:
+                        same_name = existing["source_name"] == src.name
+                        if existing["source_sha256"] == sha():
+                            report.status, report.message = "skipped", "unchanged (same sha256)"
+                            report.store = existing["store"]
+                            return report
+                        if not same_name:
+                            raise BgeeInputError(
+                                path,
+                                f"experiment {src.species}/{src.experiment_id} is already in the atlas from "
+                                f"{existing['source_name']}; pass --overwrite to replace it",
+                            )
+                    rel = store_relpath(src.species, src.experiment_id)
+                    provenance = {
+                        "source_name": src.name,
+                        "source_size": os.path.getsize(path),
+                        "source_sha256": "",
+                        "layout": src.layout,
+                        "counts_source": src.counts_key,
+                        "cpm_in_x": src.cpm_in_x,
+                        "converter": f"bgee-dask {__version__}",
+                        "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    }
+
+                    def final_provenance() -> dict[str, Any]:
+                        # taken when the store's attributes are written: hashing runs alongside the writing
+                        provenance["source_sha256"] = sha()
+                        return provenance
+
+                    written = _write_atomically(loc, rel, src, final_provenance, pool, tmp_dir, kwargs, gene_index)
+                    final_provenance()
                 finally:
-                    if bar is not None:
-                        bar.close()
+                    decoding.close()  # the decode has ended before the file closes
+                    if opened.get("bar") is not None:
+                        opened["bar"].close()
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
@@ -219,6 +246,16 @@ def _convert_file(
         report.details["traceback"] = traceback.format_exc()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _ids_before_opening(path: str, experiment_id: str | None, species: str | None) -> tuple[str, str] | None:
+    """(species, experiment) when known without opening the file: from the options or the file name."""
+    if experiment_id is not None and species is not None:
+        return species, experiment_id
+    named = parse_bgee_filename(path)
+    if named and experiment_id is None and species is None:
+        return named
+    return None
 
 
 def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index: bool):

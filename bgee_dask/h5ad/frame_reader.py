@@ -60,10 +60,30 @@ def read_frame(group: h5py.Group) -> pd.DataFrame:
     return read_elem(group)
 
 
+def _column_names(group: h5py.Group) -> list[str]:
+    order = group.attrs.get("column-order", [])
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+
+
+def peek_frame(group: h5py.Group) -> tuple[list[str], int] | None:
+    """(column names, number of rows) of a frame in one of our encodings, from its metadata alone.
+
+    Opening a source needs only these to name its layout and check the matrix's shape, so the
+    matrix can be decoding while the frames' strings (most of the time it takes to open) are read.
+    ``None`` when the frame is in another encoding: the caller then reads the whole frame.
+    """
+    if not isinstance(group, h5py.Group) or _encoding(group) != ("dataframe", "0.2.0"):
+        return None
+    index_key = _attr(group, "_index")
+    index = group.get(index_key) if index_key is not None else None
+    if not isinstance(index, h5py.Dataset) or index.ndim != 1:
+        return None
+    return _column_names(group), int(index.shape[0])
+
+
 def _read_known(group: h5py.Group) -> pd.DataFrame | None:
     index_key = _attr(group, "_index")
-    order = group.attrs.get("column-order", [])
-    names = [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+    names = _column_names(group)
     if index_key is None or index_key not in group:
         return None
     index = _column(group[index_key])

@@ -31,7 +31,7 @@ from ..schema import (
 )
 from . import value_check
 from .chunks import ChunkedReader
-from .frame_reader import read_frame
+from .frame_reader import peek_frame, read_frame
 
 #: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
 _CPM_TOLERANCE = 1e-3
@@ -74,7 +74,15 @@ class H5adSource:
         experiment_id: str | None = None,
         species: str | None = None,
         executor: Executor | None = None,
+        on_matrix: Callable[[H5adSource], Callable[[], None] | None] | None = None,
     ):
+        """Open and validate ``path``.
+
+        ``on_matrix`` is called once the counts matrix is open and checked, before obs and var
+        are read (their strings are most of the time opening takes), so that the caller can start
+        decoding meanwhile. If opening then fails, what it returned is called before the file
+        is closed: that is where the caller stops whatever is still reading.
+        """
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
         self.executor = executor
@@ -91,17 +99,24 @@ class H5adSource:
             if "truncat" in msg or "eof" in msg.lower():
                 raise _fail(self.path, "truncated HDF5 file (file is shorter than its header says)") from None
             raise _fail(self.path, f"cannot open as HDF5 ({msg.splitlines()[0]})") from None
+        self._stop_readers: Callable[[], None] | None = None
         try:
-            self._inspect(experiment_id, species)
+            self._inspect(experiment_id, species, on_matrix)
         except BgeeInputError:
             self.close()
             raise
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             self.close()
             raise _fail(self.path, f"corrupt or unreadable file ({type(exc).__name__}: {exc})") from None
+        self._stop_readers = None  # opened: the caller's own exit stops its readers
 
     # -- opening ---------------------------------------------------------------------------
-    def _inspect(self, experiment_id: str | None, species: str | None) -> None:
+    def _inspect(
+        self,
+        experiment_id: str | None,
+        species: str | None,
+        on_matrix: Callable[[H5adSource], Callable[[], None] | None] | None,
+    ) -> None:
         f = self.file
         top = set(f.keys())
         if "X" not in f:
@@ -110,21 +125,35 @@ class H5adSource:
             raise _fail(self.path, "no obs or var table")
         layers = set(f["layers"].keys()) if "layers" in f else set()
         uns = set(f["uns"].keys()) if "uns" in f else set()
-        raw_obs = read_frame(f["obs"])
+        obs_shape, var_shape = peek_frame(f["obs"]), peek_frame(f["var"])
+        raw_obs = self.var = None
+        if obs_shape is None:  # not our encoding: the whole frame gives its columns and length
+            raw_obs = read_frame(f["obs"])
+            obs_shape = (list(raw_obs.columns), len(raw_obs))
+        if var_shape is None:
+            self.var = read_frame(f["var"])
+            var_shape = (list(self.var.columns), len(self.var))
         try:
-            self.layout = detect_layout(list(raw_obs.columns), top, uns, layers)
+            self.layout = detect_layout(obs_shape[0], top, uns, layers)
         except ValueError as exc:
             raise _fail(self.path, str(exc)) from None
-        self.var = read_frame(f["var"])
-        self.n_obs, self.n_vars = len(raw_obs), len(self.var)
+        self.n_obs, self.n_vars = obs_shape[1], var_shape[1]
+        self.counts_key, self.cpm_in_x = self._choose_counts(layers)
+        self._open_matrix(self.counts_key)
+        if on_matrix is not None:
+            self._stop_readers = on_matrix(self)
+        if raw_obs is None:
+            raw_obs = read_frame(f["obs"])
+        if self.var is None:
+            self.var = read_frame(f["var"])
+        if (len(raw_obs), len(self.var)) != (self.n_obs, self.n_vars):  # pragma: no cover - pandas checks lengths
+            raise _fail(self.path, "obs or var has columns of different lengths")
         if raw_obs.index.has_duplicates:
             dups = raw_obs.index[raw_obs.index.duplicated()].unique()[:3].tolist()
             raise _fail(self.path, f"duplicate cell names in obs (e.g. {dups})")
         if self.var.index.has_duplicates:
             dups = self.var.index[self.var.index.duplicated()].unique()[:3].tolist()
             raise _fail(self.path, f"duplicate gene ids in var (e.g. {dups})")
-        self.counts_key, self.cpm_in_x = self._choose_counts(layers)
-        self._open_matrix(self.counts_key)
         self.obs = self._canonical_obs(raw_obs, experiment_id, species)
 
     def _open_matrix(self, key: str) -> None:
@@ -378,6 +407,9 @@ class H5adSource:
                 reader.close()
 
     def close(self) -> None:
+        stop, self._stop_readers = getattr(self, "_stop_readers", None), None
+        if stop is not None:  # opening failed while the caller was decoding: it ends before the file closes
+            stop()
         self._close_readers()
         with contextlib.suppress(Exception):  # already closed or never opened
             self.file.close()

@@ -9,12 +9,13 @@ metadata, so that a store interrupted mid-write never claims to be whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
 import warnings
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -222,11 +223,33 @@ def _append_obs_columns(store: zarr.abc.store.Store, columns: dict[str, np.ndarr
     _put_all(store, {meta_key: json.dumps(doc).encode()})
 
 
+@dataclass
+class MatrixDecoding:
+    """A source matrix being decoded on a thread of its own, into buffers of a scratch lease."""
+
+    lease: scratch.Lease
+    future: Future | None  # None when the matrix is too large for memory and will be streamed
+
+
+@contextlib.contextmanager
+def decode_matrix(source: H5adSource, *, in_memory_nnz: int = IN_MEMORY_NNZ) -> Iterator[MatrixDecoding]:
+    """Start decoding ``source``'s matrix; leaving the block waits for the decode to end.
+
+    The scratch lease lives as long as the decode, since the decoded arrays are its buffers.
+    """
+    value_check.warm_up_in_background()
+    with scratch.lease() as working, ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
+        future = start_decoding(
+            source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
+        )
+        yield MatrixDecoding(working, future)  # (the decoder's exit waits for the decode)
+
+
 def write_experiment(
     source: H5adSource,
     store: zarr.abc.store.Store,
     *,
-    provenance: dict[str, Any],
+    provenance: dict[str, Any] | Callable[[], dict[str, Any]],
     executor: Executor | None = None,
     codec: BloscSettings = DEFAULT_CODEC,
     index_codec: BloscSettings = INDEX_CODEC,
@@ -234,6 +257,7 @@ def write_experiment(
     in_memory_nnz: int = IN_MEMORY_NNZ,
     gene_index_store: zarr.abc.store.Store | None = None,
     on_write: Callable[[int], None] | None = None,
+    decoding: MatrixDecoding | None = None,
 ) -> WrittenStore:
     """Write ``source`` into an empty ``store`` (and its gene-major copy into ``gene_index_store``).
 
@@ -242,12 +266,14 @@ def write_experiment(
     streaming made the peak memory grow with the file (1.28 GB at 1M cells). A matrix small
     enough to be reordered in memory is decoded meanwhile, on a thread of its own: reading and
     sorting obs holds the GIL (h5py, pandas) while decoding barely needs it, so the two overlap.
+    ``decoding`` is that decode when the caller started it already (``decode_matrix``), while the
+    source was still being opened. ``provenance`` may be a function, called only when the
+    attributes are written at the end: the source's checksum can still be computing until then.
     """
-    value_check.warm_up_in_background()
-    with scratch.lease() as working, ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
-        decoded = start_decoding(
-            source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
-        )
+    with contextlib.ExitStack() as stack:
+        if decoding is None:
+            decoding = stack.enter_context(decode_matrix(source, in_memory_nnz=in_memory_nnz))
+        working, decoded = decoding.lease, decoding.future
         obs = source.take_obs()
         perm = sort_order(obs)
         obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
@@ -331,7 +357,7 @@ def write_experiment(
         "nnz": result.nnz,
         "codec": asdict(codec),
         "index_codec": asdict(index_codec),
-        "provenance": provenance,
+        "provenance": provenance() if callable(provenance) else provenance,
         "complete": True,
     }
     root.attrs[ATTRS_KEY] = attrs
