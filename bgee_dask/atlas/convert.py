@@ -146,12 +146,13 @@ def _convert_file(
     threads = threads or cpu_count()
     size: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
     kwargs: dict[str, Any] = dict(size)
-    # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
-    # this run may skip the file (its experiment is in the atlas already: the checksum decides).
-    known = _ids_before_opening(path, experiment_id, species)
-    early = known is not None and (overwrite or read_fragment_record(loc, *known) is None)
     opened: dict[str, Any] = {}
     try:
+        # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
+        # this run may skip the file (its experiment is in the atlas already: the checksum decides).
+        known = _ids_before_opening(path, experiment_id, species)
+        record_before = read_fragment_record(loc, *known) if known is not None else None
+        early = known is not None and (overwrite or record_before is None)
         with ThreadPoolExecutor(max(1, threads)) as pool, contextlib.ExitStack() as decoding:
             sha_future = pool.submit(sha256_file, path) if os.path.isfile(path) else None
 
@@ -172,7 +173,8 @@ def _convert_file(
             ) as src:
                 try:
                     report.experiment_id, report.species, report.layout = src.experiment_id, src.species, src.layout
-                    existing = read_fragment_record(loc, src.species, src.experiment_id)
+                    ids = (src.species, src.experiment_id)
+                    existing = record_before if ids == known else read_fragment_record(loc, *ids)
                     if existing and not overwrite:
                         same_name = existing["source_name"] == src.name
                         if existing["source_sha256"] == sha():
