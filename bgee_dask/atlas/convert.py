@@ -24,7 +24,7 @@ import pandas as pd
 
 from .._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
 from .._version import __version__
-from ..schema import BgeeInputError, parse_bgee_filename
+from ..schema import BgeeInputError, check_identifier, parse_bgee_filename
 from ..store.layout import gene_index_relpath, store_relpath
 from ..store.scratch import release_scratch
 from .catalog import Fragment, consolidate, read_fragment_record, remove_fragment, write_fragment
@@ -146,7 +146,7 @@ def _convert_file(
     threads = threads or cpu_count()
     size: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
     kwargs: dict[str, Any] = dict(size)
-    opened: dict[str, Any] = {}
+    bar = None
     try:
         # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
         # this run may skip the file (its experiment is in the atlas already: the checksum decides).
@@ -160,7 +160,8 @@ def _convert_file(
                 return sha_future.result() if sha_future else ""
 
             def on_matrix(src: H5adSource):
-                bar = opened["bar"] = _value_bar(src, progress)
+                nonlocal bar
+                bar = _value_bar(src, progress)
                 if bar is not None:
                     src.on_read = kwargs["on_write"] = bar.update
                 if not early:
@@ -208,8 +209,8 @@ def _convert_file(
                     final_provenance()
                 finally:
                     decoding.close()  # the decode has ended before the file closes
-                    if opened.get("bar") is not None:
-                        opened["bar"].close()
+                    if bar is not None:
+                        bar.close()
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
@@ -251,13 +252,23 @@ def _convert_file(
 
 
 def _ids_before_opening(path: str, experiment_id: str | None, species: str | None) -> tuple[str, str] | None:
-    """(species, experiment) when known without opening the file: from the options or the file name."""
+    """(species, experiment) when known without opening the file: from the options or the file name.
+
+    They name a catalog fragment, so ids that could not name a store give ``None`` (opening the
+    file then reports them).
+    """
     if experiment_id is not None and species is not None:
-        return species, experiment_id
-    named = parse_bgee_filename(path)
-    if named and experiment_id is None and species is None:
-        return named
-    return None
+        ids = (species, experiment_id)
+    elif experiment_id is None and species is None:
+        ids = parse_bgee_filename(path)
+    else:
+        return None
+    if ids is None:
+        return None
+    try:
+        return check_identifier("species", ids[0]), check_identifier("experiment id", ids[1])
+    except ValueError:
+        return None
 
 
 def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index: bool):
