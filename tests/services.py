@@ -517,12 +517,35 @@ class DaskProcesses:
 
         With a nanny the nanny restarts the worker (new PID); without, the worker is gone for good.
         """
+        if self.nanny:
+            self.wait_for_nannies()
         pids = self.worker_pids
         if name not in pids:
             raise KeyError(f"no connected worker named {name!r}; connected: {sorted(pids)}")
         pid = pids[name]
         os.kill(pid, sig)
         return pid
+
+    def nanny_states(self) -> dict[str, str]:
+        """Nanny address -> the nanny's own status (``running`` once its start-up has finished)."""
+        return self._client.run(_server_status, nanny=True, on_error="return")
+
+    def wait_for_nannies(self, timeout: float = 60.0) -> None:
+        """Block until every worker's nanny has finished starting.
+
+        A worker registers with the scheduler before its nanny has heard back from it; a worker that
+        dies in that window is not restarted: distributed's ``Nanny.start_unsafe`` raises "Nanny failed
+        to start" and the whole ``dask worker`` command exits. So a worker is only safe to kill once
+        its nanny reports ``running``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {a: s for a, s in self.nanny_states().items() if isinstance(s, str)}
+            if len(states) >= self.n_workers and all(s == "running" for s in states.values()):
+                return
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"dask nannies not all running after {timeout:.0f} s: {states}\n{self.log_tails()}")
+            time.sleep(0.1)
 
     def wait_for_workers(self, n: int | None = None, timeout: float = 60.0) -> None:
         n = self.n_workers if n is None else n
@@ -664,6 +687,8 @@ def dask_processes(
                     f"(connected: {sorted(connected)})\n{state.log_tails()}"
                 )
             time.sleep(0.1)
+        if nanny:
+            state.wait_for_nannies(timeout=max(5.0, deadline - time.monotonic()))
         state.startup_seconds = time.monotonic() - t0
         _ = state.worker_pids  # remember the worker processes' PIDs for teardown
         yield state
@@ -688,6 +713,11 @@ def dask_processes(
             procs[0].stop(term_timeout=5.0)
         if tmp_created:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+def _server_status(dask_worker: Any) -> str:
+    """Run on a nanny by ``Client.run(..., nanny=True)``: its ``Status`` name."""
+    return dask_worker.status.name
 
 
 def _is_python_process(pid: int) -> bool:
