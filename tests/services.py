@@ -505,9 +505,9 @@ class DaskProcesses:
         """Worker name -> PID of the process that runs the worker (the nanny's child with a nanny)."""
         if self._client is None:
             return {}
-        names = {w["address"]: name for name, w in self.scheduler_workers().items()}
-        by_addr = self._client.run(os.getpid, workers=list(names), on_error="ignore") if names else {}
-        pids = {names[addr]: int(pid) for addr, pid in by_addr.items() if addr in names}
+        # the PID each worker reported when it registered, read on the scheduler: asking the workers
+        # themselves would wait out the connect timeout (30 s) on one that was just killed
+        pids = self._client.run_on_scheduler(_registered_worker_pids)
         for name, pid in pids.items():
             self._seen_worker_pids[pid] = name
         return pids
@@ -713,6 +713,11 @@ def dask_processes(
             procs[0].stop(term_timeout=5.0)
         if tmp_created:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+def _registered_worker_pids(dask_scheduler: Any) -> dict[str, int]:
+    """Run on the scheduler: worker name -> the PID it registered with."""
+    return {str(ws.name): int(ws.pid) for ws in dask_scheduler.workers.values()}
 
 
 def _server_status(dask_worker: Any) -> str:
