@@ -202,11 +202,9 @@ def _convert_file(
 
                     def final_provenance() -> dict[str, Any]:
                         # taken when the store's attributes are written: hashing runs alongside the writing
-                        provenance["source_sha256"] = sha()
-                        return provenance
+                        return {**provenance, "source_sha256": sha()}
 
                     written = _write_atomically(loc, rel, src, final_provenance, pool, tmp_dir, kwargs, gene_index)
-                    final_provenance()
                 finally:
                     decoding.close()  # the decode has ended before the file closes
                     if bar is not None:
@@ -237,7 +235,7 @@ def _convert_file(
             "row_blocks": written.row_blocks,
             "obs_columns": written.obs_columns,
             "gene_index": gene_index_relpath(rel) if gene_index else None,
-            **provenance,
+            **written.attrs["provenance"],  # as the store records it, checksum included
         }
         write_fragment(loc, Fragment(record, written.runs, pd.DataFrame(gene_table)))
         if report.cpm_in_x:

@@ -88,6 +88,7 @@ class H5adSource:
         self.executor = executor
         #: called with the number of values each decoded block holds (progress bars)
         self.on_read: Callable[[int], None] | None = None
+        self._stop_readers: Callable[[], None] | None = None  # set by ``on_matrix`` while opening
         if not os.path.exists(self.path):
             raise _fail(self.path, "no such file")
         try:
@@ -99,7 +100,6 @@ class H5adSource:
             if "truncat" in msg or "eof" in msg.lower():
                 raise _fail(self.path, "truncated HDF5 file (file is shorter than its header says)") from None
             raise _fail(self.path, f"cannot open as HDF5 ({msg.splitlines()[0]})") from None
-        self._stop_readers: Callable[[], None] | None = None
         try:
             self._inspect(experiment_id, species, on_matrix)
         except BgeeInputError:
@@ -146,8 +146,6 @@ class H5adSource:
             raw_obs = read_frame(f["obs"])
         if self.var is None:
             self.var = read_frame(f["var"])
-        if (len(raw_obs), len(self.var)) != (self.n_obs, self.n_vars):  # pragma: no cover - pandas checks lengths
-            raise _fail(self.path, "obs or var has columns of different lengths")
         if raw_obs.index.has_duplicates:
             dups = raw_obs.index[raw_obs.index.duplicated()].unique()[:3].tolist()
             raise _fail(self.path, f"duplicate cell names in obs (e.g. {dups})")
@@ -407,7 +405,7 @@ class H5adSource:
                 reader.close()
 
     def close(self) -> None:
-        stop, self._stop_readers = getattr(self, "_stop_readers", None), None
+        stop, self._stop_readers = self._stop_readers, None
         if stop is not None:  # opening failed while the caller was decoding: it ends before the file closes
             stop()
         self._close_readers()
