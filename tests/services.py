@@ -526,10 +526,6 @@ class DaskProcesses:
         os.kill(pid, sig)
         return pid
 
-    def nanny_states(self) -> dict[str, str]:
-        """Nanny address -> the nanny's own status (``running`` once its start-up has finished)."""
-        return self._client.run(_server_status, nanny=True, on_error="return")
-
     def wait_for_nannies(self, timeout: float = 60.0) -> None:
         """Block until every worker's nanny has finished starting.
 
@@ -540,7 +536,8 @@ class DaskProcesses:
         """
         deadline = time.monotonic() + timeout
         while True:
-            states = {a: s for a, s in self.nanny_states().items() if isinstance(s, str)}
+            replies = self._client.run(_server_status, nanny=True, on_error="return")
+            states = {address: s for address, s in replies.items() if isinstance(s, str)}
             if len(states) >= self.n_workers and all(s == "running" for s in states.values()):
                 return
             if time.monotonic() >= deadline:
