@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from .._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
@@ -218,7 +219,10 @@ def _convert_file(
         symbol_col = next((c for c in ("feature_name", "gene_symbol", "symbol") if c in genes), None)
         gene_table = {
             "gene_id": genes.index.astype(str),
-            "gene_symbol": genes[symbol_col].astype(str).to_numpy() if symbol_col else None,
+            # missing symbols stay missing (astype(str) would name them "nan")
+            "gene_symbol": np.where(genes[symbol_col].notna(), genes[symbol_col].astype(str), None)
+            if symbol_col
+            else None,
             "gene_index": range(len(genes)),
             "gene_nnz": written.gene_nnz,
         }
