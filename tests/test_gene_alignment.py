@@ -1,0 +1,71 @@
+"""The rule that keys a gene named by symbol in one file by the Ensembl id other files give that symbol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bgee_dask.atlas.gene_alignment import align_genes
+
+# (experiment, species, gene_id, gene_symbol): e1/e2 name genes by id, s1/s2 by symbol, m1 is another species
+ROWS = [
+    ("e1", "hs", "ENSG1", "MALAT1"),
+    ("e1", "hs", "ENSG2", "PAR"),  # PAR names two ids: ambiguous
+    ("e1", "hs", "ENSG3", "PAR"),
+    ("e1", "hs", "ENSG4", None),
+    ("e1", "hs", "ENSG5", "OLD5"),
+    ("e2", "hs", "ENSG5", "NEW5"),  # one id, two symbols (renamed between releases)
+    ("e2", "hs", "ENSG6", "ENSG6"),  # symbol == id says nothing
+    ("e2", "hs", "ENSG7", "CD3E"),
+    ("s1", "hs", "MALAT1", None),  # -> ENSG1
+    ("s1", "hs", "PAR", None),  # ambiguous: stays
+    ("s1", "hs", "OLD5", None),  # OLD5 and NEW5 both -> ENSG5 in s1: both stay
+    ("s1", "hs", "NEW5", None),
+    ("s1", "hs", "ENSG6", None),  # an id-like name nobody pairs with a symbol: stays
+    ("s1", "hs", "NOVEL", None),
+    ("s2", "hs", "CD3E", "CD3E"),  # layout D: feature_name == var_names -> ENSG7
+    ("s2", "hs", "ENSG7", None),  # ... but the id is already there: CD3E stays
+    ("s2", "hs", "NEW5", None),  # -> ENSG5 (alone in s2)
+    ("s3", "hs", "ENSG1", None),  # an id in a symbol file stays itself
+    ("m1", "mm", "MALAT1", None),  # another species: not aligned to human ids
+]
+EXPECTED_KEY = [
+    "ENSG1", "ENSG2", "ENSG3", "ENSG4", "ENSG5", "ENSG5", "ENSG6", "ENSG7",
+    "ENSG1", "PAR", "OLD5", "NEW5", "ENSG6", "NOVEL",
+    "CD3E", "ENSG7", "ENSG5",
+    "ENSG1",
+    "MALAT1",
+]  # fmt: skip
+
+
+def test_symbols_become_ids_only_when_unambiguous():
+    exp, species, gene_id, symbol = (np.asarray(c, dtype=object) for c in zip(*ROWS, strict=True))
+    aligned = align_genes(exp, species, gene_id, symbol)
+    assert aligned.gene_key.tolist() == EXPECTED_KEY
+    assert aligned.by_symbol.tolist() == [k != g for k, g in zip(EXPECTED_KEY, gene_id, strict=True)]
+    # a row keyed by id keeps its own name as its symbol; other symbols are untouched
+    assert aligned.gene_symbol[8] == "MALAT1" and aligned.gene_symbol[16] == "NEW5"
+    assert aligned.gene_symbol[14] == "CD3E" and aligned.gene_symbol[9] is None and aligned.gene_symbol[3] is None
+    counts = aligned.count_by_experiment(exp)
+    assert counts.to_dict() == {"s1": 1, "s2": 1}
+
+
+def test_no_experiment_gets_a_key_twice():
+    exp, species, gene_id, symbol = (np.asarray(c, dtype=object) for c in zip(*ROWS, strict=True))
+    aligned = align_genes(exp, species, gene_id, symbol)
+    frame = pd.DataFrame({"e": exp, "k": aligned.gene_key})
+    assert not frame.duplicated().any()
+
+
+def test_without_any_symbols_keys_are_the_ids():
+    gene_id = np.asarray(["A", "B", "A"], dtype=object)
+    aligned = align_genes(np.asarray(["x", "x", "y"]), np.asarray(["hs"] * 3), gene_id, None)
+    assert aligned.gene_key.tolist() == ["A", "B", "A"]
+    assert not aligned.by_symbol.any()
+
+
+def test_missing_symbols_as_nan_are_missing():
+    aligned = align_genes(
+        np.asarray(["e", "s"]), np.asarray(["hs", "hs"]), np.asarray(["ENSG1", "nan"]), np.asarray([np.nan, None])
+    )
+    assert aligned.gene_key.tolist() == ["ENSG1", "nan"]  # a NaN symbol names nothing, not the gene "nan"
