@@ -222,12 +222,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     )
     rows = summary["experiments"]
     if rows:
-        header = f"{'experiment':<14} {'species':<24} {'cells':>10} {'genes':>8} {'nnz':>14} {'size':>10} layout"
+        header = (
+            f"{'experiment':<14} {'species':<24} {'cells':>10} {'genes':>8} {'by symbol':>10} {'nnz':>14} "
+            f"{'size':>10} layout"
+        )
         print(header)
         for r in rows:
+            by_symbol = r.get("n_genes_by_symbol")
             print(
                 f"{r['experimentId']:<14} {r['species']:<24} {r['n_cells']:>10,} {r['n_genes']:>8,} "
+                f"{'-' if by_symbol is None else format(by_symbol, ','):>10} "
                 f"{r['nnz']:>14,} {_human_bytes(r['bytes']):>10} {r.get('layout', '')}"
+            )
+        if any(r.get("n_genes_by_symbol") for r in rows):
+            print(
+                "by symbol: genes the file names by symbol, keyed in queries by the Ensembl id other experiments "
+                "of the species give that symbol"
             )
     return 0
 

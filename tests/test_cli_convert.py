@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import h5py
 import pandas as pd
 import pytest
@@ -85,6 +86,28 @@ def test_convert_all_good_then_info(tmp_path, capsys, bgee_sources):
     assert "3 experiments" in text and f"{cells:,} cells" in text
     for exp in SMALL:
         assert exp in text
+
+
+def test_adding_an_id_named_experiment_keys_symbol_named_genes_by_id(tmp_path, capsys, bgee_sources):
+    # SRPT00004 names its 230 genes by symbol; SRPT00001 names genes by Ensembl id, symbols in feature_name
+    atlas = tmp_path / "atlas"
+    assert _convert(capsys, bgee_sources["SRPT00004"], "--out", atlas)[0] == 0
+    assert main(["info", str(atlas), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["experiments"][0]["n_genes_by_symbol"] == 0
+
+    assert _convert(capsys, bgee_sources["SRPT00001"], "--out", atlas)[0] == 0  # only the catalog changes for 00004
+    ids_var = ad.read_h5ad(bgee_sources["SRPT00001"], backed="r").var
+    ids_of = ids_var.groupby(ids_var["feature_name"].astype(str), observed=True).apply(lambda g: set(g.index))
+    symbol_var = ad.read_h5ad(bgee_sources["SRPT00004"], backed="r").var_names
+    expected = sum(1 for g in symbol_var if g in ids_of.index and len(ids_of[g]) == 1 and g not in ids_var.index)
+    assert expected > 200
+    assert main(["info", str(atlas), "--json"]) == 0
+    rows = {r["experimentId"]: r for r in json.loads(capsys.readouterr().out)["experiments"]}
+    assert rows["SRPT00004"]["n_genes_by_symbol"] == expected and rows["SRPT00001"]["n_genes_by_symbol"] == 0
+    assert main(["info", str(atlas)]) == 0
+    text = capsys.readouterr().out
+    assert "by symbol" in text.splitlines()[2]
+    assert any(line.startswith("SRPT00004") and f" {expected:,} " in line for line in text.splitlines())
 
 
 def test_convert_partial_failure_folders_recursive_and_overwrite(tmp_path, capsys, bgee_sources):

@@ -37,7 +37,7 @@ def atlas(tmp_path_factory, sources):
 
 @pytest.fixture(scope="module")
 def reference(sources) -> dict[str, ad.AnnData]:
-    """The source files as anndata reads them, with experimentId from the file name."""
+    """The source files as anndata reads them: experimentId from the file name, genes named as queries name them."""
     out = {}
     for f in sources:
         a = ad.read_h5ad(f)
@@ -45,7 +45,33 @@ def reference(sources) -> dict[str, ad.AnnData]:
         a.obs["experimentId"] = exp
         a.X = sp.csr_matrix(a.X, dtype=np.float64)
         out[exp] = a
+    _name_genes_by_id(out)
     return out
+
+
+def _name_genes_by_id(refs: dict[str, ad.AnnData]) -> None:
+    """Rename the genes of symbol-named files to the Ensembl ids the atlas keys them by, written out plainly.
+
+    Within a species: a name that is not itself an id of an id-named file, and that those files give
+    as the symbol of exactly one id, becomes that id, unless that puts the id twice in one file.
+    """
+    species: dict[int, list[str]] = {}
+    for exp, a in refs.items():
+        species.setdefault(int(a.obs["speciesId"].iloc[0]), []).append(exp)
+    for exps in species.values():
+        ids_of: dict[str, set[str]] = {}
+        for exp in exps:
+            var = refs[exp].var
+            if "feature_name" in var:
+                for gene_id, symbol in zip(var.index, var["feature_name"], strict=True):
+                    if isinstance(symbol, str) and symbol != gene_id:
+                        ids_of.setdefault(symbol, set()).add(gene_id)
+        named_ids = set().union(*ids_of.values()) if ids_of else set()
+        for exp in exps:
+            names = list(refs[exp].var_names)
+            new = [next(iter(ids_of[n])) if n not in named_ids and len(ids_of.get(n, ())) == 1 else n for n in names]
+            times = pd.Series(new).value_counts()
+            refs[exp].var_names = [b if b == a or times[b] == 1 else a for a, b in zip(names, new, strict=True)]
 
 
 def _ref_aggregate(refs, mask_fn, by, genes, normalize=None):
@@ -165,6 +191,41 @@ def test_multi_key_grouping_and_filter(atlas, reference, gene_path, monkeypatch)
     _check(ds, _ref_aggregate(reference, mask, by, genes), by)
 
 
+def test_a_gene_named_by_id_in_one_file_and_by_symbol_in_others_is_one_gene(atlas, sources):
+    # SRPT00001 names MALAT1 ENSG00000251562 (symbol in var['feature_name']); SRPT00002/3 name it MALAT1
+    raw = {os.path.basename(f).split("_")[2]: ad.read_h5ad(f) for f in sources[:4]}
+    first = raw["SRPT00001"].var
+    assert first.index[first["feature_name"].astype(str) == "MALAT1"].tolist() == ["ENSG00000251562"]
+    ds = atlas.query("speciesId == 9606", genes=["MALAT1"]).aggregate(by="experimentId", stats=["sum", "n_expressed"])
+    assert ds["gene"].values.tolist() == ["ENSG00000251562"]
+    assert ds["gene_symbol"].values.tolist() == ["MALAT1"]
+    row = {str(e): i for i, e in enumerate(ds["experimentId"].values)}
+    for exp, a in raw.items():
+        names = a.var["feature_name"].astype(str) if "feature_name" in a.var else a.var_names
+        col = np.flatnonzero(np.asarray(names) == "MALAT1")
+        i = row[exp]
+        if exp == "SRPT00004":  # 230 genes, not MALAT1
+            assert col.size == 0 and ds["n_measured"].values[i, 0] == 0 and np.isnan(ds["sum"].values[i, 0])
+            continue
+        values = a.X[:, col[0]].toarray().ravel().astype(np.float64)
+        assert ds["n_measured"].values[i, 0] == a.n_obs
+        assert ds["sum"].values[i, 0] == pytest.approx(values.sum(), rel=1e-12)
+        assert ds["n_expressed"].values[i, 0] == (values > 0).sum()
+    # asked by id, the same gene
+    by_id = atlas.query("speciesId == 9606", genes=["ENSG00000251562"]).aggregate(by="experimentId", stats=["sum"])
+    np.testing.assert_array_equal(by_id["sum"].values, ds["sum"].values)
+
+
+def test_catalog_counts_the_genes_keyed_by_symbol(atlas, sources, reference):
+    for f in sources:
+        exp = os.path.basename(f).split("_")[2]
+        own = ad.read_h5ad(f, backed="r").var_names
+        renamed = int((np.asarray(own) != np.asarray(reference[exp].var_names)).sum())
+        row = atlas.experiments[atlas.experiments["experimentId"] == exp].iloc[0]
+        assert int(row["n_genes_by_symbol"]) == renamed, exp
+    assert int(atlas.experiments["n_genes_by_symbol"].sum()) > 30_000  # SRPT00002 and 00003 alone hold ~16k each
+
+
 def test_missing_genes_do_not_count_as_zero(atlas, reference):
     # A symbol-named gene measured in some experiments only: its n_measured excludes the others' cells.
     in_2 = set(reference["SRPT00002"].var_names)
@@ -224,16 +285,18 @@ def test_filter_operators_select_the_reference_cells(atlas, reference, flt, fn):
     assert set(zip(got["experimentId"].astype(str), got.index.astype(str), strict=True)) == expected
 
 
-def test_atlas_without_gene_index_scans_blocks(tmp_path, sources, reference):
+def test_atlas_without_gene_index_scans_blocks(tmp_path, sources):
     reports = bd.convert(sources[2:4], tmp_path / "a", workers=1, progress=False, gene_index=False)
     assert all(r.status == "converted" for r in reports)
     assert not list((tmp_path / "a").glob("*/*.by_gene.zarr"))
     atlas = bd.open_atlas(tmp_path / "a")
-    genes = list(reference["SRPT00004"].var_names[:5])
+    source = ad.read_h5ad(sources[3])  # symbol-named, and no id-named file in this atlas: keyed by symbol
+    genes = list(source.var_names[:5])
     q = atlas.query("experimentId == 'SRPT00004'", genes=genes)
     assert not q.plan.gene_tasks
     ds = q.aggregate(by="experimentId", stats=["sum"])
-    want = np.asarray(reference["SRPT00004"][:, genes].X.sum(axis=0)).ravel()
+    assert ds["gene"].values.tolist() == genes
+    want = np.asarray(source[:, genes].X.sum(axis=0), dtype=np.float64).ravel()
     np.testing.assert_allclose(ds["sum"].values[0], want)
 
 

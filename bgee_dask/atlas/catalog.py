@@ -22,20 +22,24 @@ import pandas as pd
 import pyarrow as pa
 
 from .._version import __version__
+from .gene_alignment import align_genes
 from .location import AtlasLocation
 
 CATALOG_FORMAT = "bgee-dask/atlas-catalog"
-CATALOG_VERSION = "1.0"
+CATALOG_VERSION = "1.1"
 HEADER = "catalog/atlas.json"
 EXPERIMENTS = "catalog/experiments.parquet"
 RUNS = "catalog/runs.parquet"
 GENES = "catalog/genes.parquet"
 GENE_LOOKUP = "catalog/genes.lookup.arrow"
 GENE_LOOKUP_FORMAT = "bgee-dask/gene-lookup"
-GENE_LOOKUP_VERSION = "1"
+GENE_LOOKUP_VERSION = "2"
+#: Lookup versions this reader takes: "1" was keyed by gene_id, which is what "2" keys by when a
+#: genes table has no gene_key (catalogs written before gene alignment).
+GENE_LOOKUP_READABLE = ("1", "2")
 FRAGMENTS = "catalog/fragments"
 #: The genes table's columns the planner needs (all of them but none other).
-GENE_LOOKUP_COLUMNS = ("experiment", "gene_id", "gene_symbol", "gene_index", "gene_nnz")
+GENE_LOOKUP_COLUMNS = ("experiment", "gene_id", "gene_key", "gene_symbol", "gene_index", "gene_nnz")
 
 
 def fragment_key(species: str, experiment_id: str) -> str:
@@ -93,6 +97,8 @@ def consolidate(loc: AtlasLocation) -> dict:
         experiments.insert(0, "experiment", keys)
     runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame()
     genes_df = pd.concat(genes, ignore_index=True) if genes else pd.DataFrame()
+    if len(genes_df):
+        _add_gene_keys(genes_df, experiments)
     for frame in (runs_df, genes_df):  # dictionary-encoded: read back as codes, not 100k's of strings
         for col in frame.columns:
             if frame[col].dtype == object:
@@ -122,6 +128,17 @@ def consolidate(loc: AtlasLocation) -> dict:
     return header
 
 
+def _add_gene_keys(genes: pd.DataFrame, experiments: pd.DataFrame) -> None:
+    """Give every gene of every experiment its cross-experiment key (see ``gene_alignment``)."""
+    species = genes["experiment"].map(dict(zip(experiments["experiment"], experiments["species"], strict=True)))
+    symbols = genes["gene_symbol"].to_numpy() if "gene_symbol" in genes else None
+    aligned = align_genes(genes["experiment"].to_numpy(), species.to_numpy(), genes["gene_id"].to_numpy(), symbols)
+    genes.insert(genes.columns.get_loc("gene_id") + 1, "gene_key", aligned.gene_key)
+    genes["gene_symbol"] = aligned.gene_symbol
+    counts = aligned.count_by_experiment(genes["experiment"].to_numpy())
+    experiments["n_genes_by_symbol"] = experiments["experiment"].map(counts).fillna(0).astype(np.int64)
+
+
 _EXPERIMENT_COLUMNS = [
     "experiment",
     "experimentId",
@@ -143,8 +160,8 @@ class GeneLookup:
     query. Here it is integer indexing.
     """
 
-    ids: np.ndarray  # sorted unique gene ids
-    code: np.ndarray  # per row: position of its gene id in ``ids``
+    ids: np.ndarray  # sorted distinct gene keys (``gene_key``; ``gene_id`` in catalogs without it)
+    code: np.ndarray  # per row: position of its gene key in ``ids``
     gene_index: np.ndarray  # per row: the gene's column in its experiment
     gene_nnz: np.ndarray | None  # per row: values stored for the gene
     rows: dict[str, slice]  # experiment key -> its rows
@@ -177,7 +194,7 @@ class GeneLookup:
         """From the genes table as pandas reads it (categorical or plain text columns)."""
         return cls._from_codes(
             _codes(table["experiment"]),
-            _codes(table["gene_id"], sort=True),
+            _codes(table["gene_key" if "gene_key" in table else "gene_id"], sort=True),
             _codes(table["gene_symbol"]) if "gene_symbol" in table else None,
             table["gene_index"].to_numpy(),
             table["gene_nnz"].to_numpy() if "gene_nnz" in table else None,
@@ -194,7 +211,7 @@ class GeneLookup:
         names = table.column_names
         return cls._from_codes(
             _arrow_codes(table.column("experiment")),
-            _arrow_codes(table.column("gene_id"), sort=True),
+            _arrow_codes(table.column("gene_key" if "gene_key" in names else "gene_id"), sort=True),
             _arrow_codes(table.column("gene_symbol")) if "gene_symbol" in names else None,
             table.column("gene_index").to_numpy(),
             table.column("gene_nnz").to_numpy() if "gene_nnz" in names else None,
@@ -237,7 +254,7 @@ class GeneLookup:
         """The lookup written by ``to_arrow_bytes``; None when it belongs to another consolidation."""
         table = pa.ipc.open_file(pa.BufferReader(payload)).read_all()
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        if meta.get("format") != GENE_LOOKUP_FORMAT or meta.get("format_version") != GENE_LOOKUP_VERSION:
+        if meta.get("format") != GENE_LOOKUP_FORMAT or meta.get("format_version") not in GENE_LOOKUP_READABLE:
             return None
         if catalog_id is None or meta.get("catalog_id") != catalog_id:
             return None
@@ -437,7 +454,8 @@ class AtlasCatalog:
     def summary(self) -> dict:
         """Totals and per-experiment rows, as ``bgee-dask info`` prints them."""
         e = self.experiments
-        cols = [c for c in ("experimentId", "species", "n_cells", "n_genes", "nnz", "bytes", "layout") if c in e]
+        names = ("experimentId", "species", "n_cells", "n_genes", "n_genes_by_symbol", "nnz", "bytes", "layout")
+        cols = [c for c in names if c in e]
         return {
             "atlas": self.location.url,
             "format": self.header.get("format"),
