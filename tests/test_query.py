@@ -470,6 +470,29 @@ def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
     assert catalog_mod.GENES in read
 
 
+def test_a_catalog_written_before_gene_keys_still_plans_by_gene_id(tmp_path, atlas):
+    """Catalog 1.0: no gene_key, no lookup file; genes are matched by their var_names, as that version did."""
+    import json
+    import shutil
+
+    from bgee_dask.atlas import catalog as catalog_mod
+
+    root = tmp_path / "atlas"
+    shutil.copytree(atlas.catalog.location.path(), root)
+    genes = pd.read_parquet(root / catalog_mod.GENES).drop(columns="gene_key")
+    genes.to_parquet(root / catalog_mod.GENES)
+    (root / catalog_mod.GENE_LOOKUP).unlink()
+    header = json.loads((root / catalog_mod.HEADER).read_text())
+    (root / catalog_mod.HEADER).write_text(json.dumps({**header, "format_version": "1.0", "catalog_id": "old"}))
+    catalog_mod.forget_cached_tables()
+    old = bd.open_atlas(root)
+    human = old.experiments.loc[old.experiments["species"] == "Homo_sapiens", "experiment"]
+    plan = old.query("speciesId == 9606").plan
+    want = sorted(genes.loc[genes["experiment"].isin(human), "gene_id"].astype(str).unique())
+    assert list(plan.gene_ids) == want
+    assert "MALAT1" in want and "ENSG00000251562" in want  # two columns for one gene, as before
+
+
 def test_query_preload_readies_workers_before_any_task():
     """Workers started with the preload have the block kernels loaded before any query runs."""
     from distributed import Client, LocalCluster

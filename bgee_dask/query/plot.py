@@ -39,7 +39,8 @@ def dot_plot(ds: xr.Dataset, path: str | os.PathLike, *, max_genes: int = 40, ma
     f = np.nan_to_num(frac[np.ix_(groups, genes)], nan=0.0)
     fig_w = max(5.0, 0.32 * len(genes) + 4.0)
     fig_h = max(3.0, 0.28 * len(groups) + 2.0)
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    # constrained layout gives the colour bar and the size legend their own room beside the dots
+    fig, ax = plt.subplots(figsize=(fig_w + 1.2, fig_h), layout="constrained")
     yy, xx = np.meshgrid(np.arange(len(groups)), np.arange(len(genes)), indexing="ij")
     sc = ax.scatter(
         xx.ravel(), yy.ravel(), s=(f.ravel() * 220) + 1, c=m.ravel(), cmap="Reds", edgecolors="0.6", linewidths=0.3
@@ -52,9 +53,8 @@ def dot_plot(ds: xr.Dataset, path: str | os.PathLike, *, max_genes: int = 40, ma
     fig.colorbar(sc, ax=ax, fraction=0.03, pad=0.02).set_label(f"mean ({'raw counts' if norm == 'None' else norm})")
     for frac_level in (0.25, 0.5, 1.0):
         ax.scatter([], [], s=frac_level * 220 + 1, c="0.7", label=f"{frac_level:.0%}")
-    ax.legend(title="fraction expressing", loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=8)
+    fig.legend(title="fraction\nexpressing", loc="outside right upper", frameon=False, fontsize=8, title_fontsize=8)
     ax.set_title(" x ".join(by) if by else "all cells", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.fspath(path)
