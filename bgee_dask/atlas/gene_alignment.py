@@ -70,10 +70,14 @@ def align_genes(
 
 def _symbol_targets(gene_id: np.ndarray, symbol: np.ndarray) -> np.ndarray:
     """Per row of one species: the id its name stands for as a symbol, or NaN."""
+    target = np.full(len(gene_id), np.nan, dtype=object)
     named = pd.notna(symbol) & (symbol != gene_id)
+    maybe = pd.Index(gene_id).isin(pd.unique(symbol[named]))
+    if not maybe.any():  # an atlas of id-named files only: nothing to align, and no pairs to build
+        return target
     pairs = pd.DataFrame({"symbol": symbol[named], "id": gene_id[named]}).drop_duplicates()
     ids_per_symbol = pairs.groupby("symbol")["id"].transform("size")
     unique = pairs[ids_per_symbol.to_numpy() == 1].set_index("symbol")["id"]
-    target = pd.Series(gene_id).map(unique).to_numpy(dtype=object)
+    target[maybe] = pd.Series(gene_id[maybe]).map(unique).to_numpy(dtype=object)
     target[pd.Index(gene_id).isin(pairs["id"].unique())] = np.nan  # an id stays itself
     return target
