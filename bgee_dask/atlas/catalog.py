@@ -135,7 +135,7 @@ def _add_gene_keys(genes: pd.DataFrame, experiments: pd.DataFrame) -> None:
     aligned = align_genes(genes["experiment"].to_numpy(), species.to_numpy(), genes["gene_id"].to_numpy(), symbols)
     genes.insert(genes.columns.get_loc("gene_id") + 1, "gene_key", aligned.gene_key)
     genes["gene_symbol"] = aligned.gene_symbol
-    counts = aligned.count_by_experiment(genes["experiment"].to_numpy())
+    counts = genes.loc[aligned.by_symbol, "experiment"].value_counts(sort=False)
     experiments["n_genes_by_symbol"] = experiments["experiment"].map(counts).fillna(0).astype(np.int64)
 
 

@@ -26,10 +26,6 @@ class GeneAlignment:
     gene_symbol: np.ndarray  # a symbol-named row keeps its name here once its key is an id
     by_symbol: np.ndarray  # bool
 
-    def count_by_experiment(self, experiment: np.ndarray) -> pd.Series:
-        """Genes each experiment had aligned by symbol (experiments without any are absent)."""
-        return pd.Series(np.asarray(experiment)[self.by_symbol]).value_counts(sort=False)
-
 
 def align_genes(
     experiment: np.ndarray, species: np.ndarray, gene_id: np.ndarray, gene_symbol: np.ndarray | None
@@ -64,7 +60,8 @@ def align_genes(
         key[undo] = gene_id[undo]
         by_symbol &= ~undo
     filled = symbols.copy()
-    filled[by_symbol & pd.isna(symbols)] = gene_id[by_symbol & pd.isna(symbols)]
+    unnamed = by_symbol & pd.isna(symbols)
+    filled[unnamed] = gene_id[unnamed]
     return GeneAlignment(key, filled, by_symbol)
 
 
@@ -72,12 +69,13 @@ def _symbol_targets(gene_id: np.ndarray, symbol: np.ndarray) -> np.ndarray:
     """Per row of one species: the id its name stands for as a symbol, or NaN."""
     target = np.full(len(gene_id), np.nan, dtype=object)
     named = pd.notna(symbol) & (symbol != gene_id)
-    maybe = pd.Index(gene_id).isin(pd.unique(symbol[named]))
+    names = pd.Index(gene_id)
+    maybe = names.isin(pd.unique(symbol[named]))
     if not maybe.any():  # an atlas of id-named files only: nothing to align, and no pairs to build
         return target
     pairs = pd.DataFrame({"symbol": symbol[named], "id": gene_id[named]}).drop_duplicates()
     ids_per_symbol = pairs.groupby("symbol")["id"].transform("size")
     unique = pairs[ids_per_symbol.to_numpy() == 1].set_index("symbol")["id"]
     target[maybe] = pd.Series(gene_id[maybe]).map(unique).to_numpy(dtype=object)
-    target[pd.Index(gene_id).isin(pairs["id"].unique())] = np.nan  # an id stays itself
+    target[names.isin(pairs["id"].unique())] = np.nan  # an id stays itself
     return target
