@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -336,6 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """The console script's entry point: ``main``, then an exit without a last garbage collection.
+
+    When the interpreter exits it collects cyclic garbage over every object still alive, and
+    pandas, zarr, numba, dask and pyarrow leave a large heap: 0.3-0.6 s of every command
+    (``bgee-dask convert`` of two files: 4.7-5.1 s against 4.1-4.4 s frozen). Freezing moves
+    those objects out of the collector's sight; the process ends right after and the system
+    takes its memory back. ``main`` does not freeze: tests and notebooks call it and go on.
+    """
+    code = main(argv)
+    gc.freeze()
+    return code
+
+
 def _is_storage_library_error(exc: BaseException) -> bool:
     """Errors of the object-store stack (botocore, aiohttp, fsspec): the user's setup, not a bug."""
     modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
@@ -343,4 +358,4 @@ def _is_storage_library_error(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())
