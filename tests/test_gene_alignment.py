@@ -69,3 +69,14 @@ def test_missing_symbols_as_nan_are_missing():
         np.asarray(["e", "s"]), np.asarray(["hs", "hs"]), np.asarray(["ENSG1", "nan"]), np.asarray([np.nan, None])
     )
     assert aligned.gene_key.tolist() == ["ENSG1", "nan"]  # a NaN symbol names nothing, not the gene "nan"
+
+
+def test_membership_by_sorting_gives_the_same_keys(monkeypatch):
+    """Past a size, membership is tested by sorting instead of a table of flags: same rule, same keys."""
+    from bgee_dask.atlas import gene_alignment
+
+    monkeypatch.setattr(gene_alignment, "_FLAG_TABLE_MAX", 0)
+    exp, species, gene_id, symbol = (np.asarray(c, dtype=object) for c in zip(*ROWS, strict=True))
+    aligned = align_genes(exp, species, gene_id, symbol)
+    assert aligned.gene_key.tolist() == EXPECTED_KEY
+    assert aligned.by_symbol.tolist() == [k != g for k, g in zip(EXPECTED_KEY, gene_id, strict=True)]

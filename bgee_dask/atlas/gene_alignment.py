@@ -30,52 +30,92 @@ class GeneAlignment:
 def align_genes(
     experiment: np.ndarray, species: np.ndarray, gene_id: np.ndarray, gene_symbol: np.ndarray | None
 ) -> GeneAlignment:
-    """Keys for the rows of the genes table (one row per gene of each experiment).
+    """Keys for the rows of the genes table (one row per gene of each experiment), from text.
 
-    A row is keyed by an id in place of its own name when all of these hold, within its species:
-    its name is a symbol that some row names by id (a symbol different from that row's id), and
-    every such row gives the same id; its name is not itself an id some row names; and no other
-    row of its experiment ends up with the same key.
+    The rule is ``align_gene_codes``'s; this form numbers the names and symbols first.
     """
     gene_id = np.asarray(gene_id, dtype=object)
     n = len(gene_id)
-    symbols = (
-        np.full(n, None, dtype=object)
-        if gene_symbol is None
-        else pd.Series(np.asarray(gene_symbol, dtype=object)).where(lambda s: s.notna(), None).to_numpy()
+    symbols = np.full(n, None, dtype=object) if gene_symbol is None else np.asarray(gene_symbol, dtype=object)
+    # one numbering for names and symbols, so that "this name is that symbol" is an integer test
+    codes, values = pd.factorize(np.concatenate([gene_id, symbols]), use_na_sentinel=True)
+    key, symbol, by_symbol = align_gene_codes(
+        pd.factorize(np.asarray(experiment, dtype=object))[0],
+        pd.factorize(np.asarray(species, dtype=object))[0],
+        codes[:n],
+        codes[n:],
     )
-    key = gene_id.copy()
+    values = np.asarray(values, dtype=object)
+    named = np.full(n, None, dtype=object)
+    named[symbol >= 0] = values[symbol[symbol >= 0]]
+    return GeneAlignment(values[key], named, by_symbol)
+
+
+def align_gene_codes(
+    experiment: np.ndarray, species: np.ndarray, name: np.ndarray, symbol: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rule on numbered rows: (key, symbol, by_symbol) per row.
+
+    ``experiment`` and ``species`` are codes per row; ``name`` (the gene's own name) and
+    ``symbol`` (-1 where missing) are codes into one list of strings shared by both, so that a
+    name equal to a symbol has the same code. A row is keyed by an id in place of its name when
+    all of these hold, within its species: its name is a symbol that some row names by id (a
+    symbol different from that row's id), and every such row gives the same id; its name is not
+    itself an id some row names; and no other row of its experiment ends up with the same key.
+    The returned symbol is the row's, or its own name when it was keyed by symbol without one.
+
+    Integer codes instead of strings: the catalog reads them from Arrow dictionaries, and a
+    96-experiment atlas (2.8M rows) no longer turns its names into Python strings to align them.
+    """
+    experiment, species, name, symbol = (np.asarray(a, dtype=np.int64) for a in (experiment, species, name, symbol))
+    n = len(name)
+    width = int(max(name.max(initial=-1), symbol.max(initial=-1))) + 1
+    size = (int(species.max(initial=-1)) + 1) * width  # (species, string) pairs as one integer
+    if size * width >= 2**63:
+        raise ValueError(f"too many distinct gene names to align ({width})")
+    named = (symbol >= 0) & (symbol != name)
+    named_symbol = species[named] * width + symbol[named]
+    named_id = species[named] * width + name[named]
+    row_name = species * width + name
+    # rows whose name is a symbol some row pairs with an id, and is not itself such an id
+    candidate = _member(row_name, named_symbol, size) & ~_member(row_name, named_id, size)
+    if not candidate.any():  # an atlas of id-named files only: nothing to align, no pairs to build
+        return name.copy(), symbol.copy(), np.zeros(n, dtype=bool)
+    # the distinct (symbol, id) pairs of the symbols candidates use; a symbol with one id stands for it
+    wanted = _member(named_symbol, row_name[candidate], size)
+    pairs = np.unique(named_symbol[wanted] * width + named_id[wanted] % width)
+    pair_symbol, first, ids_per_symbol = np.unique(pairs // width, return_index=True, return_counts=True)
+    single = ids_per_symbol == 1
+    symbol_keys, symbol_ids = pair_symbol[single], (pairs % width)[first[single]]
+
+    rows = np.flatnonzero(candidate)
+    place = np.minimum(np.searchsorted(symbol_keys, row_name[rows]), max(0, len(symbol_keys) - 1))
+    hit = symbol_keys[place] == row_name[rows] if len(symbol_keys) else np.zeros(len(rows), dtype=bool)
     by_symbol = np.zeros(n, dtype=bool)
-    species = np.asarray(species, dtype=object)
-    for rows in pd.Series(species).groupby(species, sort=False).indices.values():
-        target = _symbol_targets(gene_id[rows], symbols[rows])
-        hit = pd.notna(target)
-        key[rows[hit]] = target[hit]
-        by_symbol[rows[hit]] = True
-    # a key twice in one experiment (the id was there already, or two symbols name it): those
-    # rows aligned by symbol keep their own names, which no id-named row uses
+    by_symbol[rows[hit]] = True
+    key = name.copy()
+    key[rows[hit]] = symbol_ids[place[hit]]
     if by_symbol.any():
-        frame = pd.DataFrame({"e": np.asarray(experiment, dtype=object), "k": key})
-        undo = frame.duplicated(keep=False).to_numpy() & by_symbol
-        key[undo] = gene_id[undo]
-        by_symbol &= ~undo
-    filled = symbols.copy()
-    unnamed = by_symbol & pd.isna(symbols)
-    filled[unnamed] = gene_id[unnamed]
-    return GeneAlignment(key, filled, by_symbol)
+        # a key twice in one experiment (the id was there already, or two symbols name it): those
+        # rows aligned by symbol keep their own names, which no id-named row uses
+        involved = np.flatnonzero(_member(experiment, experiment[by_symbol], int(experiment.max()) + 1))
+        pair = experiment[involved] * width + key[involved]
+        _, where, count = np.unique(pair, return_inverse=True, return_counts=True)
+        undo = involved[(count[where] > 1) & by_symbol[involved]]
+        key[undo] = name[undo]
+        by_symbol[undo] = False
+    filled = np.where(by_symbol & (symbol < 0), name, symbol)
+    return key, filled, by_symbol
 
 
-def _symbol_targets(gene_id: np.ndarray, symbol: np.ndarray) -> np.ndarray:
-    """Per row of one species: the id its name stands for as a symbol, or NaN."""
-    target = np.full(len(gene_id), np.nan, dtype=object)
-    named = pd.notna(symbol) & (symbol != gene_id)
-    names = pd.Index(gene_id)
-    maybe = names.isin(pd.unique(symbol[named]))
-    if not maybe.any():  # an atlas of id-named files only: nothing to align, and no pairs to build
-        return target
-    pairs = pd.DataFrame({"symbol": symbol[named], "id": gene_id[named]}).drop_duplicates()
-    ids_per_symbol = pairs.groupby("symbol")["id"].transform("size")
-    unique = pairs[ids_per_symbol.to_numpy() == 1].set_index("symbol")["id"]
-    target[maybe] = pd.Series(gene_id[maybe]).map(unique).to_numpy(dtype=object)
-    target[names.isin(pairs["id"].unique())] = np.nan  # an id stays itself
-    return target
+#: Membership tests by a table of flags up to this many possible values (one byte each), else by sorting.
+_FLAG_TABLE_MAX = 1 << 26
+
+
+def _member(values: np.ndarray, members: np.ndarray, size: int) -> np.ndarray:
+    """``np.isin(values, members)`` for integers in ``[0, size)``: a table of flags is O(n) where isin sorts."""
+    if size > _FLAG_TABLE_MAX:
+        return np.isin(values, members)
+    flags = np.zeros(size, dtype=bool)
+    flags[members] = True
+    return flags[values]

@@ -275,6 +275,13 @@ class AtlasLocation:
         frame.to_parquet(buf, index=False)
         self.write_bytes(rel, buf.getvalue())
 
+    def write_arrow_parquet(self, rel: str, table: pa.Table) -> None:
+        """Without column statistics: nothing here filters row groups by them, and for dictionary
+        text they were most of the writing (0.50 s against 0.16 s for a 2.6M-row genes table)."""
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, write_statistics=False)
+        self.write_bytes(rel, buf.getvalue().to_pybytes())
+
     def read_parquet(self, rel: str) -> pd.DataFrame:
         # pq.ParquetFile, not pd.read_parquet: the latter goes through pyarrow.dataset, whose import alone
         # is ~0.02 s of a query's first planning in a process
