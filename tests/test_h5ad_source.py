@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from bgee_dask.h5ad import frame_reader, value_check
+from bgee_dask.h5ad import chunks, frame_reader, value_check
 from bgee_dask.h5ad.chunks import ChunkedReader
 from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.schema import BgeeInputError, detect_layout, parse_bgee_filename
@@ -30,6 +31,19 @@ FILTERS = {
     "contiguous": None,
 }
 FAST = {"gzip", "gzip+shuffle"}
+
+
+@pytest.fixture(params=["per-chunk", "jit"])
+def inflate_path(request, monkeypatch):
+    """Both ways chunks are inflated: from Python one by one, or runs of them in the numba kernel."""
+    ready = threading.Event()
+    if request.param == "jit":
+        monkeypatch.setattr(chunks, "_JIT_READY", ready)
+        chunks.warm_up_inflate()
+        assert ready.is_set()
+    else:
+        monkeypatch.setattr(chunks, "_JIT_READY", ready)  # never set: the per-chunk path
+    return request.param
 
 
 def _ranges(rng: np.random.Generator, n: int, chunk: int) -> list[tuple[int, int]]:
@@ -51,7 +65,7 @@ def _values(rng: np.random.Generator, dtype, n: int) -> np.ndarray:
 @pytest.mark.parametrize("with_pool", [False, True], ids=["serial", "pool"])
 @pytest.mark.parametrize("filters", list(FILTERS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_chunked_reader_equals_h5py(tmp_path, dtype, filters, with_pool):
+def test_chunked_reader_equals_h5py(tmp_path, dtype, filters, with_pool, inflate_path):
     rng = np.random.default_rng(zlib.crc32(f"{np.dtype(dtype).name}/{filters}".encode()))
     n = int(rng.integers(1000, 6000))
     chunk = int(rng.integers(50, 700))
@@ -89,7 +103,7 @@ def test_chunked_reader_equals_h5py(tmp_path, dtype, filters, with_pool):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_chunked_reader_unwritten_and_unfiltered_chunks(tmp_path, shuffle):
+def test_chunked_reader_unwritten_and_unfiltered_chunks(tmp_path, shuffle, inflate_path):
     """Chunks never written read as the fill value; chunks stored with deflate skipped read raw."""
     chunk, n = 100, 1050
     with h5py.File(tmp_path / "d.h5", "w") as f:
@@ -134,6 +148,43 @@ def test_chunked_reader_reads_past_a_user_block_and_closes(tmp_path):
         reader.close()
 
 
+def test_chunked_reader_interleaved_chunks_and_a_corrupt_one(tmp_path, inflate_path):
+    """Chunks of two datasets written in turns (far apart in the file) read right; a damaged chunk
+    raises zlib's error, and ranges without it still read."""
+    chunk, n = 20_000, 400_000  # random values: ~80 kB a chunk, so the other dataset's turns are wide gaps
+    rng = np.random.default_rng(5)
+    a_values = rng.standard_normal(n).astype(np.float32)
+    b_values = rng.integers(0, 2**31 - 1, n, dtype=np.int32)
+    with h5py.File(tmp_path / "i.h5", "w", rdcc_nbytes=0) as f:  # no chunk cache: chunks land as written
+        a = f.create_dataset("a", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(chunk,), compression="gzip")
+        b = f.create_dataset("b", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,), compression="gzip")
+        for start in range(0, n, 4 * chunk):  # blocks of 4 chunks each, in turns
+            stop = min(n, start + 4 * chunk)
+            for ds, values in ((a, a_values), (b, b_values)):
+                ds.resize((stop,))
+                ds[start:stop] = values[start:stop]
+    with h5py.File(tmp_path / "i.h5", "r") as f, ThreadPoolExecutor(2) as pool:
+        starts = sorted(f["a"].id.get_chunk_info(i).byte_offset for i in range(f["a"].id.get_num_chunks()))
+        assert max(np.diff(starts)) > 4 * chunk * 4 > chunks._GAP_BYTES  # read as several pieces
+        for name, values in (("a", a_values), ("b", b_values)):
+            reader = ChunkedReader(f[name], pool)
+            assert reader.fast
+            np.testing.assert_array_equal(reader.read(0, n), values)
+            np.testing.assert_array_equal(reader.read(777, 315_321), values[777:315_321])
+            reader.close()
+        bad = f["a"].id.get_chunk_info_by_coord((7 * chunk,))
+    with open(tmp_path / "i.h5", "r+b") as fh:  # overwrite the middle of chunk 7's deflate stream
+        fh.seek(bad.byte_offset + bad.size // 2)
+        fh.write(b"\xff" * 16)
+    with h5py.File(tmp_path / "i.h5", "r") as f, ThreadPoolExecutor(2) as pool:
+        reader = ChunkedReader(f["a"], pool)
+        with pytest.raises(zlib.error):
+            reader.read(0, n)
+        np.testing.assert_array_equal(reader.read(0, 7 * chunk), a_values[: 7 * chunk])
+        np.testing.assert_array_equal(reader.read(8 * chunk, n), a_values[8 * chunk :])
+        reader.close()
+
+
 def test_chunked_reader_rejects_2d(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         ds = f.create_dataset("m", data=np.zeros((3, 3)))
@@ -141,7 +192,7 @@ def test_chunked_reader_rejects_2d(tmp_path):
             ChunkedReader(ds)
 
 
-def test_chunked_reader_on_shared_files(bgee_sources):
+def test_chunked_reader_on_shared_files(bgee_sources, inflate_path):
     """The gzip chunks of the real files decode like h5py decodes them."""
     with h5py.File(bgee_sources["SRPT00001"], "r") as f, ThreadPoolExecutor(2) as pool:
         for name in ("X/data", "X/indices", "X/indptr"):

@@ -127,7 +127,7 @@ _WARM_LOCK = threading.Lock()
 
 
 def warm_up_in_background() -> None:
-    """Load numba and the scan kernel on a helper thread, once per process.
+    """Load numba, the scan kernel and the inflate kernel on a helper thread, once per process.
 
     numba's first call in a process sets up its compiler and loads the kernel's cached machine
     code: 0.3 s, which the first file paid right after decoding, on its critical path. Started
@@ -142,5 +142,8 @@ def warm_up_in_background() -> None:
     def warm() -> None:
         indptr = np.array([0, 1], dtype=np.int64)
         scan_csr(indptr, np.zeros(1, np.int32), np.ones(1, np.float32), 1)
+        from .chunks import warm_up_inflate  # the decoder's own kernel, used once it is loaded
+
+        warm_up_inflate()
 
     threading.Thread(target=warm, name="bgee-dask-warm-up", daemon=True).start()
