@@ -242,7 +242,7 @@ class ChunkedReader:
             _FREE_DECOMPRESSOR(decompressor)
 
     def _read_raw(self, offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stored bytes of these chunks in one buffer, and where each chunk's start in it.
+        """The stored bytes of these chunks in one buffer, and where in it each chunk starts.
 
         Neighbouring chunks (the usual case) come in one read; a gap of more than ``_GAP_BYTES``
         (other datasets' chunks in between: files written block by block) starts another read
