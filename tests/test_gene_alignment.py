@@ -80,3 +80,14 @@ def test_membership_by_sorting_gives_the_same_keys(monkeypatch):
     aligned = align_genes(exp, species, gene_id, symbol)
     assert aligned.gene_key.tolist() == EXPECTED_KEY
     assert aligned.by_symbol.tolist() == [k != g for k, g in zip(EXPECTED_KEY, gene_id, strict=True)]
+
+
+def test_rows_of_no_known_species_are_not_aligned():
+    aligned = align_genes(
+        np.asarray(["e1", "s1", "s2"]),
+        np.asarray(["hs", "hs", None], dtype=object),
+        np.asarray(["ENSG1", "MALAT1", "MALAT1"], dtype=object),
+        np.asarray(["MALAT1", None, None], dtype=object),
+    )
+    assert aligned.gene_key.tolist() == ["ENSG1", "ENSG1", "MALAT1"]
+    assert aligned.by_symbol.tolist() == [False, True, False]

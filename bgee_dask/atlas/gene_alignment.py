@@ -73,17 +73,18 @@ def align_gene_codes(
     size = (int(species.max(initial=-1)) + 1) * width  # (species, string) pairs as one integer
     if size * width >= 2**63:
         raise ValueError(f"too many distinct gene names to align ({width})")
-    named = (symbol >= 0) & (symbol != name)
+    known = species >= 0  # a row of no known species is never aligned
+    named = known & (symbol >= 0) & (symbol != name)
     named_symbol = species[named] * width + symbol[named]
     named_id = species[named] * width + name[named]
-    row_name = species * width + name
+    row_name = np.where(known, species, 0) * width + name
     # rows whose name is a symbol some row pairs with an id, and is not itself such an id
-    candidate = _member(row_name, named_symbol, size) & ~_member(row_name, named_id, size)
+    candidate = known & _member(row_name, named_symbol, size) & ~_member(row_name, named_id, size)
     if not candidate.any():  # an atlas of id-named files only: nothing to align, no pairs to build
         return name.copy(), symbol.copy(), np.zeros(n, dtype=bool)
     # the distinct (symbol, id) pairs of the symbols candidates use; a symbol with one id stands for it
     wanted = _member(named_symbol, row_name[candidate], size)
-    pairs = np.unique(named_symbol[wanted] * width + named_id[wanted] % width)
+    pairs = np.unique(named_symbol[wanted] * width + name[named][wanted])
     pair_symbol, first, ids_per_symbol = np.unique(pairs // width, return_index=True, return_counts=True)
     single = ids_per_symbol == 1
     symbol_keys, symbol_ids = pair_symbol[single], (pairs % width)[first[single]]
