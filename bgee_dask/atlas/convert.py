@@ -88,9 +88,9 @@ def find_sources(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
-    # One buffer, refilled: reading 4 MB chunks as new bytes objects page-faulted 25k times per file.
-    # 4 MB reads, not 256 kB: each read and each update gives the GIL back and waits to take it
-    # again, and the file's obs are being read meanwhile (Python, holding it).
+    # One buffer, refilled: a new bytes object per read page-faulted 25k times per file. Reads of
+    # 4 MB, not 256 kB: each read and each update gives the GIL back and waits to take it again,
+    # while the file's obs are being read (Python, holding it).
     h = hashlib.sha256()
     buf = bytearray(bufsize)
     view = memoryview(buf)
