@@ -201,12 +201,8 @@ def _one_list(values, kind: pa.DataType) -> pa.ListArray:
 
 def _dictionary_column(codes: np.ndarray, dictionary: pa.Array) -> pa.DictionaryArray:
     """``codes`` (-1 missing) over ``dictionary``, the dictionary cut to the values used, in its order."""
-    used = np.zeros(len(dictionary) + 1, dtype=bool)
-    used[codes] = True  # -1 marks the last slot, which is not a value
-    keep = np.flatnonzero(used[:-1])
-    renumber = np.full(len(dictionary) + 1, -1, dtype=np.int32)
-    renumber[keep] = np.arange(len(keep), dtype=np.int32)
-    new = renumber[codes]
+    keep = _used_positions(codes, len(dictionary))
+    new = _renumbered(codes, keep, len(dictionary)).astype(np.int32)
     indices = pa.array(new, pa.int32(), mask=new < 0)
     return pa.DictionaryArray.from_arrays(indices, dictionary.take(pa.array(keep)))
 
@@ -426,14 +422,24 @@ def _arrow_codes(column: pa.ChunkedArray, sort: bool = False) -> tuple[np.ndarra
 
 def _used_codes(codes: np.ndarray, values: np.ndarray, sort: bool) -> tuple[np.ndarray, np.ndarray]:
     """Codes renumbered over the values some row uses (dictionaries may hold others), sorted if asked."""
-    used = np.zeros(len(values), dtype=bool)
-    used[codes[codes >= 0]] = True
-    keep = np.flatnonzero(used)
+    keep = _used_positions(codes, len(values))
     if sort:
         keep = keep[np.argsort(values[keep], kind="stable")]
-    new_code = np.full(len(values) + 1, -1, dtype=np.int64)  # the last slot maps -1 to -1
+    return _renumbered(codes, keep, len(values)), values[keep]
+
+
+def _used_positions(codes: np.ndarray, n_values: int) -> np.ndarray:
+    """The values (positions in a dictionary of ``n_values``) that some code (-1: missing) uses."""
+    used = np.zeros(n_values, dtype=bool)
+    used[codes[codes >= 0]] = True
+    return np.flatnonzero(used)
+
+
+def _renumbered(codes: np.ndarray, keep: np.ndarray, n_values: int) -> np.ndarray:
+    """``codes`` as positions in ``keep`` (-1 stays -1)."""
+    new_code = np.full(n_values + 1, -1, dtype=np.int64)  # the last slot maps -1 to -1
     new_code[keep] = np.arange(len(keep))
-    return new_code[codes], values[keep]
+    return new_code[codes]
 
 
 #: Tables of recently opened catalogs, by (url, catalog_id): a catalog never changes under its id.
