@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._runtime import start_numba_without_blas
 from ._version import __version__
 from .query.preload import PRELOAD_MODULE
 
@@ -345,10 +346,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     passed between ``main``'s return and the end of the process, 0.06 s frozen. Freezing moves
     those objects out of the collector's sight; the process ends right after and the system
     takes its memory back. ``main`` does not freeze: tests and notebooks call it and go on.
+
+    The commands that compile numba kernels set numba up without its BLAS check first (see
+    ``start_numba_without_blas``): this process is the command's own, and compiles no linear algebra.
     """
-    code = main(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] and args[0] in _NUMBA_COMMANDS:
+        start_numba_without_blas()
+    code = main(args)
     gc.freeze()
     return code
+
+
+#: Commands whose work runs numba kernels (decoding, checking and moving values; aggregating).
+_NUMBA_COMMANDS = frozenset({"convert", "query", "demo"})
 
 
 def _is_storage_library_error(exc: BaseException) -> bool:
