@@ -148,11 +148,12 @@ def start_numba_without_blas() -> None:
     needs BLAS checks again when it is compiled, and scipy.linalg stays importable. Called by the
     command for itself, never by the library in someone else's process.
     """
-    if "numba.np.arraymath" in sys.modules or "scipy.linalg.cython_blas" in sys.modules:
+    blas = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or blas in sys.modules:
         return  # numba is set up already, or the import it would skip has happened
-    sys.modules["scipy.linalg.cython_blas"] = None  # importing it now raises ImportError
+    sys.modules[blas] = None  # importing it now raises ImportError
     try:
         import numba.np.arraymath  # noqa: F401
     finally:
-        if "scipy.linalg.cython_blas" in sys.modules and sys.modules["scipy.linalg.cython_blas"] is None:
-            del sys.modules["scipy.linalg.cython_blas"]
+        if sys.modules.get(blas, False) is None:  # still our placeholder
+            del sys.modules[blas]
