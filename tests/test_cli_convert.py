@@ -287,3 +287,27 @@ def test_numba_without_blas_leaves_linear_algebra_working():
     assert got["skipped"] is True
     assert got["dot"] == got["ref"]
     assert got["lu"] == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_kernels_are_loaded_before_the_first_file(tmp_path):
+    """Files converted in this process start with numba's kernels loaded, and no warm-up thread beside them."""
+    srcs = [mi.write(mi.make_adata(300, 80, seed=s), tmp_path / mi.bgee_name(f"SRPT0000{s}")) for s in (1, 2)]
+    out = tmp_path / "atlas"
+    got = _python(
+        "import json, threading\n"
+        "import bgee_dask.atlas.convert as conv\n"
+        "seen, real = [], conv.convert_file\n"
+        "def spy(*a, **k):\n"
+        "    from bgee_dask.h5ad import chunks\n"
+        "    from bgee_dask.store import csr_kernels\n"
+        "    warm_up = any(t.name == 'bgee-dask-warm-up' for t in threading.enumerate())\n"
+        "    seen.append([chunks._JIT_READY.is_set(), len(csr_kernels.gather_value_range.signatures), warm_up])\n"
+        "    return real(*a, **k)\n"
+        "conv.convert_file = spy\n"
+        f"reports = conv.convert({[str(s) for s in srcs]!r}, {str(out)!r}, progress=False)\n"
+        "print(json.dumps({'status': [r.status for r in reports], 'seen': seen}))\n"
+    )
+    assert got == {"status": ["converted"] * 2, "seen": [[True, 1, False]] * 2}
+    for s in (1, 2):
+        exp = f"SRPT0000{s}"
+        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", srcs[s - 1], layout="doc", experiment_id=exp)

@@ -419,6 +419,9 @@ def convert(
         "gene_index": gene_index,
     }
     client = client or current_client()
+    in_process = client is None and (workers is None or workers == 1 or len(todo) <= 1)
+    if in_process and todo:
+        _load_kernels()
     if client is None and (len(todo) <= 1 or workers == 1):
         try:
             reports += _run_serial(todo, loc, kwargs, progress)
@@ -455,6 +458,13 @@ def convert(
         consolidate(loc)
     order = {p: i for i, p in enumerate(paths)}
     return sorted(reports, key=lambda r: order.get(r.source, len(order)))
+
+
+def _load_kernels() -> None:
+    """numba's kernels, loaded before the first file converted in this process (``value_check.load_kernels``)."""
+    from ..store.writer import load_conversion_kernels  # (see _convert_file)
+
+    load_conversion_kernels()
 
 
 def _value_bar(src: H5adSource, progress: bool):

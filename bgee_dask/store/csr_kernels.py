@@ -176,3 +176,13 @@ def count_values_per_gene(indices, n_genes):  # pragma: no cover - jit
     for k in range(indices.shape[0]):
         counts[indices[k]] += 1
     return counts
+
+
+def load_kernels() -> None:
+    """Load the kernels that put float32 counts in order (numba's cache); other dtypes load when used."""
+    one_row = np.array([0, 1], dtype=np.int64)
+    perm = np.zeros(1, dtype=np.int64)
+    indices, data = np.zeros(1, dtype=np.int32), np.ones(1, dtype=np.float32)
+    out_indices, out_data = np.empty(1, dtype=np.int32), np.empty(1, dtype=np.float32)
+    gather_value_range(perm, one_row, indices, data, one_row, 0, out_indices, out_data)
+    gene_window_of_rows(perm, one_row, indices, data, 0, 1, np.zeros(1, np.int64), 0, 1, out_indices, out_data)

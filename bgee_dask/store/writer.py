@@ -223,6 +223,14 @@ def _append_obs_columns(store: zarr.abc.store.Store, columns: dict[str, np.ndarr
     _put_all(store, {meta_key: json.dumps(doc).encode()})
 
 
+def load_conversion_kernels() -> None:
+    """The numba kernels of a conversion, loaded on this thread before its first file (``value_check.load_kernels``)."""
+    from . import csr_kernels
+
+    value_check.load_kernels()
+    csr_kernels.load_kernels()
+
+
 @dataclass
 class MatrixDecoding:
     """A source matrix being decoded on a thread of its own, into buffers of a scratch lease."""
