@@ -419,9 +419,6 @@ def convert(
         "gene_index": gene_index,
     }
     client = client or current_client()
-    in_process = client is None and (workers is None or workers == 1 or len(todo) <= 1)
-    if in_process and todo:
-        _load_kernels()
     if client is None and (len(todo) <= 1 or workers == 1):
         try:
             reports += _run_serial(todo, loc, kwargs, progress)
@@ -479,6 +476,8 @@ def _value_bar(src: H5adSource, progress: bool):
 def _run_serial(todo, loc, kwargs, progress) -> list[ConversionReport]:
     from tqdm.auto import tqdm
 
+    if todo:
+        _load_kernels()
     if len(todo) == 1:  # one file: show its values rather than a 0/1 file count
         return [convert_file(todo[0], loc, progress=progress, **kwargs)]
     out = []
@@ -493,6 +492,8 @@ def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionRepo
     from dask.callbacks import Callback
     from tqdm.auto import tqdm
 
+    if todo:
+        _load_kernels()
     tasks = [dask.delayed(convert_file, pure=False)(path, loc, threads=threads, **kwargs) for path in todo]
     with tqdm(total=len(tasks), desc="converting", unit="file", disable=not progress or not tasks) as bar:
 

@@ -127,13 +127,14 @@ _WARM_LOCK = threading.Lock()
 
 
 def load_kernels() -> None:
-    """Load the scan kernel and the inflate kernel now, on this thread (numba's cache), once per process.
+    """Load the scan kernel and the inflate kernel now, on this thread (numba's cache; cheap once loaded).
 
     What ``warm_up_in_background`` does, but before any file is open: numba's first kernel of
     a process costs 0.2-0.3 s (its compiler's set-up, mostly Python holding the GIL). On a helper
     thread during the first file, it starved that file's obs reading and its decoding, which
-    inflates chunk by chunk from Python until the kernel is there: the first of 8 files took
-    1.24-1.62 s (median 1.41) instead of 0.96-1.33 s (median 1.04) with the kernels loaded first.
+    inflates chunk by chunk from Python until the kernel is there. ``bgee-dask convert`` of 8
+    files, 6 runs each: the first file took 1.24-1.62 s (median 1.41), and 0.96-1.33 s (median
+    1.04) with the kernels loaded first.
     """
     with _WARM_LOCK:
         _WARM["started"] = True
