@@ -492,8 +492,7 @@ def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionRepo
     from dask.callbacks import Callback
     from tqdm.auto import tqdm
 
-    if todo:
-        _load_kernels()
+    _load_kernels()  # (convert sends two files or more here)
     tasks = [dask.delayed(convert_file, pure=False)(path, loc, threads=threads, **kwargs) for path in todo]
     with tqdm(total=len(tasks), desc="converting", unit="file", disable=not progress or not tasks) as bar:
 
