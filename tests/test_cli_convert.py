@@ -311,3 +311,19 @@ def test_kernels_are_loaded_before_the_first_file(tmp_path):
     for s in (1, 2):
         exp = f"SRPT0000{s}"
         mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", srcs[s - 1], layout="doc", experiment_id=exp)
+
+
+def test_threaded_conversion_does_not_import_distributed(tmp_path):
+    """Files run as Dask tasks in this process without importing distributed (its import delayed the first file)."""
+    srcs = [mi.write(mi.make_adata(300, 80, seed=s), tmp_path / mi.bgee_name(f"SRPT0000{s}")) for s in (3, 4)]
+    out = tmp_path / "atlas"
+    got = _python(
+        "import json, sys\n"
+        "import bgee_dask\n"
+        f"reports = bgee_dask.convert({[str(s) for s in srcs]!r}, {str(out)!r}, progress=True)\n"
+        "print(json.dumps({'status': [r.status for r in reports], 'distributed': 'distributed' in sys.modules}))\n"
+    )
+    assert got == {"status": ["converted"] * 2, "distributed": False}
+    for s, src in zip((3, 4), srcs, strict=True):
+        exp = f"SRPT0000{s}"
+        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", src, layout="doc", experiment_id=exp)

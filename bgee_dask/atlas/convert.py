@@ -487,13 +487,22 @@ def _run_serial(todo, loc, kwargs, progress) -> list[ConversionReport]:
 
 
 def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionReport]:
-    """One Dask task per file on dask's threaded scheduler (``n`` at a time), with a progress bar."""
+    """One Dask task per file on dask's threaded scheduler (``n`` at a time), with a progress bar.
+
+    The graph goes to ``dask.threaded.get`` itself: ``dask.compute`` first asks whether a
+    distributed client is running, which imports ``distributed`` (0.13-0.19 s holding the GIL,
+    before the first file could start) even when the scheduler is named.
+    """
     import dask
     from dask.callbacks import Callback
+    from dask.threaded import get
     from tqdm.auto import tqdm
 
     _load_kernels()  # (convert sends two files or more here)
     tasks = [dask.delayed(convert_file, pure=False)(path, loc, threads=threads, **kwargs) for path in todo]
+    graph: dict = {}
+    for task in tasks:
+        graph.update(task.__dask_graph__())
     with tqdm(total=len(tasks), desc="converting", unit="file", disable=not progress or not tasks) as bar:
 
         class FileDone(Callback):
@@ -502,7 +511,7 @@ def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionRepo
                     bar.update(1)
 
         with FileDone():
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
+            return list(get(graph, [task.key for task in tasks], num_workers=n))
 
 
 def _run_on(client, todo, loc, kwargs, progress, threads) -> list[ConversionReport]:
