@@ -368,6 +368,21 @@ def test_runs_table_covers_rows():
     assert mi.as_str(runs["libID"]) == ["x", "y", "y", "y"]
 
 
+def test_runs_table_same_runs_for_categorical_and_text_columns():
+    """Categorical columns are compared by code, text ones by value: the runs are the same, and match a plain loop."""
+    rng = np.random.default_rng(5)
+    values = {c: rng.choice(["u", "v", None], size=400, p=[0.45, 0.45, 0.1]).tolist() for c in ("cellTypeId", "sex")}
+    as_text = pd.DataFrame(values)
+    as_categories = pd.DataFrame({c: pd.Categorical(v, categories=["v", "u", "w"]) for c, v in values.items()})
+    rows = list(zip(*values.values(), strict=True))
+    starts = [i for i in range(len(rows)) if i == 0 or rows[i] != rows[i - 1]]
+    for frame in (as_text, as_categories):
+        runs = runs_table(frame)
+        assert runs["row_start"].tolist() == starts
+        assert runs["row_stop"].tolist() == [*starts[1:], len(rows)]
+        assert mi.as_str(runs["cellTypeId"]) == [values["cellTypeId"][i] for i in starts]
+
+
 def test_prefetch_passes_errors_and_stops_with_its_consumer():
     import threading
     import time

@@ -24,7 +24,10 @@ def runs_table(obs: pd.DataFrame, columns: tuple[str, ...] = RUN_COLUMNS) -> pd.
     change[0] = True
     for c in cols:
         values = obs[c]
-        codes = pd.factorize(values.astype(object), use_na_sentinel=True)[0]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            codes = values.cat.codes.to_numpy()  # one code per category, -1 for missing: no strings hashed
+        else:
+            codes = pd.factorize(values.astype(object), use_na_sentinel=True)[0]
         change[1:] |= codes[1:] != codes[:-1]
     starts = np.flatnonzero(change)
     stops = np.append(starts[1:], n)
