@@ -96,7 +96,8 @@ def warm_up_inflate() -> None:
     if _JIT_READY.is_set():
         return
     data = np.arange(4, dtype=np.uint8)
-    packed = np.frombuffer(zlib.compress(data.tobytes()), dtype=np.uint8)
+    # writable, as the decoder's buffers are: a read-only array would load a second specialization
+    packed = np.frombuffer(zlib.compress(data.tobytes()), dtype=np.uint8).copy()
     out = np.zeros(4, dtype=np.uint8)
     decompressor = _ALLOC_DECOMPRESSOR()
     try:
