@@ -17,10 +17,10 @@ import bgee_dask.store.layout as layout
 import bgee_dask.store.writer as writer
 from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.store import scratch, shards
-from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
+from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings
 from bgee_dask.store.reorder import stream_sorted
 from bgee_dask.store.runs import runs_table
-from bgee_dask.store.shards import ShardWriter
+from bgee_dask.store.shards import ShardWriter, write_gathered_shard
 
 from . import make_inputs as mi
 
@@ -99,6 +99,57 @@ def test_shard_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
     n_shards = -(-size // shard)
     assert sorted(p.name for p in shard_dir.glob("*")) == sorted(str(i) for i in range(n_shards))
     assert w.bytes_written == sum(p.stat().st_size for p in shard_dir.glob("*"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gathered_shards_match_values_written_one_by_one(tmp_path, seed):
+    """write_gathered_shard (chunks gathered and encoded at once) writes the same objects as append, for two arrays."""
+    rng = np.random.default_rng(seed)
+    chunk = int(rng.integers(1, 200))
+    shard = chunk * int(rng.integers(1, 6))
+    size = [0, 1, chunk, shard, 3 * shard, int(rng.integers(1, 6 * shard))][seed]
+    values = [_random_values(rng, np.int32, size), _random_values(rng, np.float32, size)]
+    codecs = [INDEX_CODEC, DEFAULT_CODEC]
+
+    def arrays(name):
+        group = zarr.open_group(zarr.storage.LocalStore(tmp_path / name), mode="w")
+        return [
+            group.create_array(
+                key,
+                shape=(size,),
+                dtype=v.dtype,
+                chunks=(chunk,),
+                shards=(shard,),
+                compressors=c.zarr_codec(v.dtype),
+                fill_value=0,
+            )
+            for key, v, c in zip(("indices", "data"), values, codecs, strict=True)
+        ]
+
+    calls = []
+
+    def fill(start, outs):
+        calls.append((start, outs[0].size))
+        for out, v in zip(outs, values, strict=True):
+            out[:] = v[start : start + out.size]
+
+    with ThreadPoolExecutor(2) as pool, scratch.lease() as working:
+        executor = pool if seed % 2 else None
+        gathered = [ShardWriter(a, c, executor, working) for a, c in zip(arrays("g.zarr"), codecs, strict=True)]
+        shards = []
+        while n := write_gathered_shard(gathered, fill):
+            shards.append(n)
+        appended = [ShardWriter(a, c, None, working) for a, c in zip(arrays("a.zarr"), codecs, strict=True)]
+        for w, v in zip(appended, values, strict=True):
+            w.append(v)
+        for w in [*gathered, *appended]:
+            w.close()
+    assert shards == [min(shard, size - s) for s in range(0, size, shard)]
+    assert sorted(calls) == [(s, min(chunk, size - s)) for s in range(0, size, chunk)]  # each value once
+    for key, v in zip(("indices", "data"), values, strict=True):
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr", path=key, mode="r")[:], v)
+    a, g = _files(tmp_path / "a.zarr"), _files(tmp_path / "g.zarr")
+    assert a.keys() == g.keys() and all(a[k] == g[k] for k in a)  # byte for byte
 
 
 def test_shard_writer_checks_the_count(tmp_path):

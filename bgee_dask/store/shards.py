@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numcodecs
@@ -67,13 +68,12 @@ class ShardWriter:
         self.fill = np.asarray(array.fill_value, dtype=self.dtype)
         self.codec = codec.numcodecs_codec()
         self.executor = executor
-        n_buffers = 2 if self.size > self.shard else 1
         self._scratch = scratch
-        allocate = scratch.empty if scratch is not None else np.empty
-        self._buffers = [allocate(min(self.size, self.shard), self.dtype) for _ in range(n_buffers)]
+        self._buffers: list[np.ndarray] = []  # allocated at the first values given one by one (writable, append)
         self._current = 0  # the buffer being filled
         self._filled = 0  # values in it
         self._next_shard = 0
+        self._handed = 0  # values of the shards handed to the writer thread
         self.bytes_written = 0
         store_path = array.store_path
         self._store = store_path.store
@@ -87,7 +87,14 @@ class ShardWriter:
     @property
     def written(self) -> int:
         """Values received so far."""
-        return self._next_shard * self.shard + self._filled
+        return self._handed + self._filled
+
+    def _shard_buffers(self) -> list[np.ndarray]:
+        if not self._buffers:
+            allocate = self._scratch.empty if self._scratch is not None else np.empty
+            n_buffers = 2 if self.size > self.shard else 1
+            self._buffers = [allocate(min(self.size, self.shard), self.dtype) for _ in range(n_buffers)]
+        return self._buffers
 
     def _wait(self) -> None:
         """Let the shard being written finish (and raise its error, if it failed)."""
@@ -97,8 +104,8 @@ class ShardWriter:
 
     def writable(self) -> np.ndarray:
         """Where the next values go: the free rest of the shard being assembled (never empty before the end)."""
-        room = min(self.shard, self.size - self._next_shard * self.shard) - self._filled
-        return self._buffers[self._current][self._filled : self._filled + room]
+        room = min(self.shard, self.size - self._handed) - self._filled
+        return self._shard_buffers()[self._current][self._filled : self._filled + room]
 
     def advance(self, n: int) -> None:
         """Take the first ``n`` values of ``writable()`` as written."""
@@ -139,6 +146,7 @@ class ShardWriter:
         values = self._buffers[self._current][: self._filled]
         index = self._next_shard
         self._next_shard += 1
+        self._handed += self._filled
         self._filled = 0
         # One shard is encoded and written in the background while the caller fills the other
         # buffer; the caller's own work (gathering rows) then overlaps the encoding.
@@ -148,8 +156,21 @@ class ShardWriter:
         if len(self._buffers) == 1:
             self._wait()  # a single buffer is refilled only once it is written
 
+    def _put_encoded(self, encoded: list[bytes], n: int) -> None:
+        """Take the next shard as its ``n`` values' encoded chunks (see ``write_gathered_shard``)."""
+        if self._filled or self.written + n > self.size:
+            raise RuntimeError(f"{self.array.path}: a whole shard cannot follow a partial one, nor overflow")
+        index = self._next_shard
+        self._next_shard += 1
+        self._handed += n
+        self._wait()
+        self._pending = self._writer.submit(self._write_encoded, index, encoded)
+
     def _write_shard(self, index: int, values: np.ndarray) -> None:
-        room, size = self._encode_shard(values)
+        self._write_encoded(index, self._encode_pieces(values))
+
+    def _write_encoded(self, index: int, encoded: list[bytes]) -> None:
+        room, size = self._assemble(encoded)
         chunk_key = self.array.metadata.encode_chunk_key((index,))
         # an array at the store root has an empty path: "/c/0" would escape the store
         key = f"{self._prefix}/{chunk_key}" if self._prefix else chunk_key
@@ -160,10 +181,8 @@ class ShardWriter:
             sync(self._store.set(key, buf))
         self.bytes_written += size
 
-    def _encode_shard(self, values: np.ndarray) -> tuple[memoryview, int]:
-        """The shard's bytes, at the start of a buffer reused for every shard (valid until the next
-        call), and their number. The buffer starts on a 4 KiB boundary and has room beyond the
-        bytes up to the next one (see ``write_file``)."""
+    def _encode_pieces(self, values: np.ndarray) -> list[bytes]:
+        """The shard's values as encoded chunks, encoded on the executor's threads."""
         per_shard = self.shard // self.chunk
         pieces = []
         for i in range(per_shard):
@@ -176,7 +195,13 @@ class ShardWriter:
         encode: Callable[[np.ndarray], bytes] = self.codec.encode
         # a few pieces per task: one task per 512 KiB piece cost a thread wake-up per piece
         groups = [pieces[i : i + _PIECES_PER_TASK] for i in range(0, len(pieces), _PIECES_PER_TASK)]
-        encoded = [blob for group in map_on(self.executor, lambda g: [encode(p) for p in g], groups) for blob in group]
+        return [blob for group in map_on(self.executor, lambda g: [encode(p) for p in g], groups) for blob in group]
+
+    def _assemble(self, encoded: list[bytes]) -> tuple[memoryview, int]:
+        """The shard's bytes, at the start of a buffer reused for every shard (valid until the next
+        call), and their number. The buffer starts on a 4 KiB boundary and has room beyond the
+        bytes up to the next one (see ``write_file``)."""
+        per_shard = self.shard // self.chunk
         index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
         offset = 0
         for i, blob in enumerate(encoded):
@@ -197,6 +222,57 @@ class ShardWriter:
             out[pos : pos + len(blob)] = blob
             pos += len(blob)
         return out, total
+
+
+_CHUNK_BUFFERS = threading.local()
+
+
+def _chunk_buffer(slot: int, chunk: int, dtype: np.dtype) -> np.ndarray:
+    """A chunk-sized array of this thread's, kept for its later chunks (and later files)."""
+    buffers = getattr(_CHUNK_BUFFERS, "arrays", None)
+    if buffers is None:
+        buffers = _CHUNK_BUFFERS.arrays = {}
+    key = (slot, chunk, dtype.str)
+    if key not in buffers:
+        buffers[key] = np.empty(chunk, dtype=dtype)
+    return buffers[key]
+
+
+def write_gathered_shard(writers: Sequence[ShardWriter], fill: Callable[[int, list[np.ndarray]], None]) -> int:
+    """Write the next shard of each writer, produced chunk by chunk; the number of values per array (0 at the end).
+
+    ``fill(start, outs)`` puts values ``[start, start + len(outs[0]))`` of each array into
+    ``outs``. Each chunk is gathered into small arrays of the thread's and encoded at once, while
+    it is in the core's cache, instead of gathering a whole shard into memory (two 32 MB buffers
+    per array, fresh memory for a process's first file) and reading it back to encode it. The
+    writers' arrays must have the same length, shard and chunk sizes, and no values given to
+    them one by one yet.
+    """
+    first = writers[0]
+    if any((w.size, w.shard, w.chunk) != (first.size, first.shard, first.chunk) for w in writers):
+        raise ValueError("write_gathered_shard needs arrays cut alike")
+    start, chunk = first.written, first.chunk
+    n = min(first.shard, first.size - start)
+    if n <= 0:
+        return 0
+
+    def encode(chunk_starts: range) -> list[list[bytes]]:
+        outs = [_chunk_buffer(i, chunk, w.dtype) for i, w in enumerate(writers)]
+        blobs: list[list[bytes]] = []
+        for c0 in chunk_starts:
+            m = min(chunk, start + n - c0)
+            fill(c0, [out[:m] for out in outs])
+            for w, out in zip(writers, outs, strict=True):
+                out[m:] = w.fill  # the array's last chunk is padded to full size, as zarr does
+            blobs.append([w.codec.encode(out) for w, out in zip(writers, outs, strict=True)])
+        return blobs
+
+    starts = range(start, start + n, chunk)
+    groups = [starts[i : i + _PIECES_PER_TASK] for i in range(0, len(starts), _PIECES_PER_TASK)]
+    encoded = [blobs for group in map_on(first.executor, encode, groups) for blobs in group]
+    for i, w in enumerate(writers):
+        w._put_encoded([blobs[i] for blobs in encoded], n)
+    return n
 
 
 def write_file(path: str, room: memoryview, size: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ import zarr
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
-from .._runtime import map_on, release_free_heap
+from .._runtime import release_free_heap
 from ..h5ad import value_check
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
@@ -45,7 +44,7 @@ from .layout import (
 )
 from .reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
 from .runs import runs_table
-from .shards import ShardWriter
+from .shards import ShardWriter, write_gathered_shard
 
 
 @dataclass
@@ -74,10 +73,9 @@ class _StoreSink:
         genes: GeneIndexBuilder | None,
         on_write: Callable[[int], None] | None = None,
         executor: Executor | None = None,
-        gather_pieces: int = 4,
     ):
         self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
-        self.executor, self.gather_pieces = executor, gather_pieces
+        self.executor = executor
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
@@ -85,21 +83,16 @@ class _StoreSink:
             self.genes.begin(dest_indptr, gene_nnz)
 
     def matrix(self, matrix: InMemoryMatrix) -> None:
-        """Gather X straight into the shard buffers, one shard at a time (both arrays cut alike).
+        """Gather X chunk by chunk and encode each chunk at once, one shard at a time (both arrays cut alike).
 
-        A shard is gathered in pieces on the executor's threads (the kernel releases the GIL):
+        Chunks are gathered and encoded on the executor's threads (the kernels release the GIL):
         on the calling thread alone, gathering was the longest step no other core could help with.
         """
-        while (room := self.indices.writable()).size:
-            start = self.indices.written
-            data_room = self.data.writable()[: room.size]
-            cuts = np.linspace(0, room.size, self.gather_pieces + 1).astype(np.int64).tolist()
-            jobs = [(start + a, room[a:b], data_room[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
-            map_on(self.executor, lambda job: matrix.fill_sorted(*job), jobs)
-            self.indices.advance(room.size)
-            self.data.advance(room.size)
+        while n := write_gathered_shard(
+            [self.indices, self.data], lambda start, outs: matrix.fill_sorted(start, outs[0], outs[1])
+        ):
             if self.on_write is not None:
-                self.on_write(int(room.size))
+                self.on_write(n)
         if self.genes is not None:
             self.genes.matrix(matrix)
 
