@@ -48,7 +48,8 @@ class ShardWriter:
     and written in the background while the other fills. Fresh arrays of that size would cost
     a page fault per 4 KiB on every shard (measured: ~170k faults and 1.3 s of system time per
     25k-cell file before buffers were reused). Producers that can compute values in place fill
-    ``writable()`` and call ``advance``; others ``append``.
+    ``writable()`` and call ``advance``; others ``append``. Those that can produce any range of
+    values on demand use ``write_gathered_shard``, which needs no shard buffers at all.
     """
 
     def __init__(
