@@ -289,9 +289,22 @@ def test_numba_without_blas_leaves_linear_algebra_working():
     assert got["lu"] == [[1.0, 0.0], [0.0, 1.0]]
 
 
+def _two_sources(tmp_path, seeds: tuple[int, int]) -> dict[str, object]:
+    """Two small Bgee files, by experiment id."""
+    return {
+        f"SRPT0000{s}": mi.write(mi.make_adata(300, 80, seed=s), tmp_path / mi.bgee_name(f"SRPT0000{s}")) for s in seeds
+    }
+
+
+def _check_stores(out, sources: dict[str, object]) -> None:
+    for exp, src in sources.items():
+        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", src, layout="doc", experiment_id=exp)
+
+
 def test_kernels_are_loaded_before_the_first_file(tmp_path):
     """Files converted in this process start with numba's kernels loaded, and no warm-up thread beside them."""
-    srcs = [mi.write(mi.make_adata(300, 80, seed=s), tmp_path / mi.bgee_name(f"SRPT0000{s}")) for s in (1, 2)]
+    sources = _two_sources(tmp_path, (1, 2))
+    srcs = list(sources.values())
     out = tmp_path / "atlas"
     got = _python(
         "import json, threading\n"
@@ -308,22 +321,18 @@ def test_kernels_are_loaded_before_the_first_file(tmp_path):
         "print(json.dumps({'status': [r.status for r in reports], 'seen': seen}))\n"
     )
     assert got == {"status": ["converted"] * 2, "seen": [[True, 1, False]] * 2}
-    for s in (1, 2):
-        exp = f"SRPT0000{s}"
-        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", srcs[s - 1], layout="doc", experiment_id=exp)
+    _check_stores(out, sources)
 
 
 def test_threaded_conversion_does_not_import_distributed(tmp_path):
     """Files run as Dask tasks in this process without importing distributed (its import delayed the first file)."""
-    srcs = [mi.write(mi.make_adata(300, 80, seed=s), tmp_path / mi.bgee_name(f"SRPT0000{s}")) for s in (3, 4)]
+    sources = _two_sources(tmp_path, (3, 4))
     out = tmp_path / "atlas"
     got = _python(
         "import json, sys\n"
         "import bgee_dask\n"
-        f"reports = bgee_dask.convert({[str(s) for s in srcs]!r}, {str(out)!r}, progress=True)\n"
+        f"reports = bgee_dask.convert({[str(s) for s in sources.values()]!r}, {str(out)!r}, progress=True)\n"
         "print(json.dumps({'status': [r.status for r in reports], 'distributed': 'distributed' in sys.modules}))\n"
     )
     assert got == {"status": ["converted"] * 2, "distributed": False}
-    for s, src in zip((3, 4), srcs, strict=True):
-        exp = f"SRPT0000{s}"
-        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", src, layout="doc", experiment_id=exp)
+    _check_stores(out, sources)

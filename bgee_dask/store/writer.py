@@ -72,10 +72,8 @@ class _StoreSink:
         data: ShardWriter,
         genes: GeneIndexBuilder | None,
         on_write: Callable[[int], None] | None = None,
-        executor: Executor | None = None,
     ):
         self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
-        self.executor = executor
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
@@ -85,7 +83,7 @@ class _StoreSink:
     def matrix(self, matrix: InMemoryMatrix) -> None:
         """Gather X chunk by chunk and encode each chunk at once, one shard at a time (both arrays cut alike).
 
-        Chunks are gathered and encoded on the executor's threads (the kernels release the GIL):
+        Chunks are gathered and encoded on the writers' executor threads (the kernels release the GIL):
         on the calling thread alone, gathering was the longest step no other core could help with.
         """
         while n := write_gathered_shard(
@@ -315,7 +313,7 @@ def write_experiment(
                 spill_dir=spill_dir,
                 scratch=working,
             )
-        sink = _StoreSink(indices_writer, data_writer, genes, on_write, executor)
+        sink = _StoreSink(indices_writer, data_writer, genes, on_write)
         try:
             result = stream_sorted(
                 source,
