@@ -74,7 +74,6 @@ class ShardWriter:
         self._current = 0  # the buffer being filled
         self._filled = 0  # values in it
         self._next_shard = 0
-        self._handed = 0  # values of the shards handed to the writer thread
         self.bytes_written = 0
         store_path = array.store_path
         self._store = store_path.store
@@ -84,6 +83,11 @@ class ShardWriter:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-shard")
         self._pending: Future | None = None
         self._out: np.ndarray | None = None  # the encoded shard, reused (bytes)
+
+    @property
+    def _handed(self) -> int:
+        """Values of the shards handed to the writer thread (all full but the array's last)."""
+        return min(self._next_shard * self.shard, self.size)
 
     @property
     def written(self) -> int:
@@ -147,7 +151,6 @@ class ShardWriter:
         values = self._buffers[self._current][: self._filled]
         index = self._next_shard
         self._next_shard += 1
-        self._handed += self._filled
         self._filled = 0
         # One shard is encoded and written in the background while the caller fills the other
         # buffer; the caller's own work (gathering rows) then overlaps the encoding.
@@ -163,7 +166,6 @@ class ShardWriter:
             raise RuntimeError(f"{self.array.path}: a whole shard cannot follow a partial one, nor overflow")
         index = self._next_shard
         self._next_shard += 1
-        self._handed += n
         self._wait()
         self._pending = self._writer.submit(self._write_encoded, index, encoded)
 
