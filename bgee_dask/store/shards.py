@@ -231,7 +231,7 @@ _CHUNK_BUFFERS = threading.local()
 
 
 def _chunk_buffer(slot: int, chunk: int, dtype: np.dtype) -> np.ndarray:
-    """A chunk-sized array of this thread's, kept for its later chunks (and later files)."""
+    """A chunk-sized array of this thread's, kept for its later chunks (a file's pool threads end with the file)."""
     buffers = getattr(_CHUNK_BUFFERS, "arrays", None)
     if buffers is None:
         buffers = _CHUNK_BUFFERS.arrays = {}
