@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -617,3 +618,44 @@ def test_index_arrays_use_the_index_codec(tmp_path, monkeypatch):
     stored, ref = ad.read_zarr(out), ad.read_h5ad(source)
     order = pd.Index(stored.obs_names).get_indexer(ref.obs_names)
     np.testing.assert_array_equal(stored.X[order].toarray(), mi.expected_counts(ref).toarray())
+
+
+# -- consolidated metadata -----------------------------------------------------------------------
+
+
+def _consolidated(store: zarr.abc.store.Store) -> dict:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    return json.loads(sync(store.get("zarr.json", default_buffer_prototype())).to_bytes())["consolidated_metadata"]
+
+
+def assert_consolidated_like_zarr(store: zarr.abc.store.Store) -> None:
+    """The root's inline metadata equals what ``zarr.consolidate_metadata`` computes for the same store."""
+    ours = _consolidated(store)
+    ours_parsed = zarr.open_consolidated(store, mode="r").metadata.consolidated_metadata
+    zarr.consolidate_metadata(store)  # the reference, written over ours
+    theirs = _consolidated(store)
+    assert len(ours["metadata"]) >= 3  # the gene-major copy has three arrays; an experiment store ~60 nodes
+    assert ours == theirs
+    assert ours_parsed == zarr.open_consolidated(store, mode="r").metadata.consolidated_metadata
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec-memory"])
+def test_consolidated_metadata_is_zarrs(tmp_path, bgee_sources, where):
+    import uuid
+
+    import bgee_dask as bd
+    from bgee_dask.atlas.location import AtlasLocation
+    from bgee_dask.store.layout import gene_index_relpath, store_relpath
+
+    # the doc layout (categorical groups inside obs) and variant C (other column names)
+    sources = [bgee_sources["SRPT00004"], bgee_sources["SRPT00003.C"]]
+    out = str(tmp_path / "atlas") if where == "local" else f"memory://bgee-{uuid.uuid4().hex[:8]}/atlas"
+    reports = bd.convert(sources, out, workers=1, progress=False)
+    assert [r.status for r in reports] == ["converted", "converted"], [r.message for r in reports]
+    loc = AtlasLocation(out)
+    for r in reports:
+        rel = store_relpath(r.species, r.experiment_id)
+        for target in (rel, gene_index_relpath(rel)):
+            assert_consolidated_like_zarr(loc.zarr_store(target))

@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from concurrent.futures import Executor
 
 import numpy as np
 import zarr
 
 from .._runtime import map_on
+from .consolidation import consolidate_written_store
 from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
 from .reorder import InMemoryMatrix
@@ -134,9 +134,7 @@ class GeneIndexBuilder:
                 **attrs,
                 "complete": True,
             }
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-                zarr.consolidate_metadata(self.store)
+            consolidate_written_store(self.store)
             self.bytes_written = cells_out.bytes_written + data_out.bytes_written
         finally:
             self.discard()

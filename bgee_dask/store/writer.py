@@ -29,6 +29,7 @@ from ..h5ad import value_check
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
 from . import scratch
+from .consolidation import consolidate_written_store
 from .frame_encoding import encode_arrays, encode_empty_mapping, encode_frame
 from .gene_index import GeneIndexBuilder
 from .layout import (
@@ -360,10 +361,7 @@ def write_experiment(
         "complete": True,
     }
     root.attrs[ATTRS_KEY] = attrs
-    with warnings.catch_warnings():
-        # Consolidated metadata is zarr-python's extension; it is what makes opening one request.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(store)
+    consolidate_written_store(store)  # what makes opening one request
     return WrittenStore(
         n_cells=source.n_obs,
         n_genes=source.n_vars,
