@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import h5py
-import numba
 import numpy as np
 import pandas as pd
 from anndata.io import write_elem
 
+from ._jit import numba
 from .schema import PLACEHOLDER_CELL_TYPE, SPECIES_TAXON
 
 __all__ = [

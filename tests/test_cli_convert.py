@@ -17,6 +17,7 @@ import pytest
 from bgee_dask.cli import main
 
 from . import make_inputs as mi
+from .fresh_python import python_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -247,18 +248,11 @@ def test_real_subprocess_default_local_cluster(tmp_path, bgee_sources):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
-def _python(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON line, returned here."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_convert_command_sets_numba_up_without_scipy_linalg(tmp_path):
     """The command's own process converts without numba importing scipy.linalg, with the same result."""
     src = mi.write(mi.make_adata(300, 80, seed=13), tmp_path / mi.bgee_name("SRPT00001"))
     out = tmp_path / "atlas"
-    got = _python(
+    got = python_json(
         "import json, sys\n"
         "from bgee_dask.cli import run\n"
         f"code = run(['convert', {str(src)!r}, '--out', {str(out)!r}, '--no-progress'])\n"
@@ -271,7 +265,7 @@ def test_convert_command_sets_numba_up_without_scipy_linalg(tmp_path):
 
 def test_numba_without_blas_leaves_linear_algebra_working():
     """After the command's set-up, scipy.linalg still imports and numba still compiles np.dot."""
-    got = _python(
+    got = python_json(
         "import json, sys\n"
         "import numpy as np\n"
         "from bgee_dask._runtime import start_numba_without_blas\n"
@@ -306,7 +300,7 @@ def test_kernels_are_loaded_before_the_first_file(tmp_path):
     sources = _two_sources(tmp_path, (1, 2))
     srcs = list(sources.values())
     out = tmp_path / "atlas"
-    got = _python(
+    got = python_json(
         "import json, threading\n"
         "import bgee_dask.atlas.convert as conv\n"
         "seen, real = [], conv.convert_file\n"
@@ -328,7 +322,7 @@ def test_threaded_conversion_does_not_import_distributed(tmp_path):
     """Files run as Dask tasks in this process without importing distributed (its import delayed the first file)."""
     sources = _two_sources(tmp_path, (3, 4))
     out = tmp_path / "atlas"
-    got = _python(
+    got = python_json(
         "import json, sys\n"
         "import bgee_dask\n"
         f"reports = bgee_dask.convert({[str(s) for s in sources.values()]!r}, {str(out)!r}, progress=True)\n"

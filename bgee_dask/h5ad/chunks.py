@@ -21,10 +21,10 @@ import zlib
 from concurrent.futures import Executor
 
 import h5py
-import numba
 import numpy as np
 from deflate import _deflate
 
+from .._jit import numba
 from .._runtime import map_on
 
 _DEFLATE = h5py.h5z.FILTER_DEFLATE

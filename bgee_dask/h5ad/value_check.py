@@ -13,9 +13,9 @@ import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
+from .._jit import numba
 from .._runtime import map_on
 
 OK, NAN, INFINITE, NEGATIVE, TOO_LARGE, INDEX_OUT_OF_RANGE = range(6)

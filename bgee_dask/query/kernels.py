@@ -6,8 +6,9 @@ fed and how their partial results add up.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from .._jit import numba
 
 #: How values are transformed before accumulation.
 RAW, SCALED, LOG1P_SCALED = 0, 1, 2
