@@ -1,4 +1,4 @@
-"""numba, as every kernel module gets it: with its error messages kept off ``sys.stdout``.
+"""numba, as every kernel module gets it: its error formatting no longer reassigns ``sys.stdout``.
 
 When colorama is installed, numba formats each error message it builds inside colorama's
 ``init()`` / ``deinit()``, which save ``sys.stdout`` and ``sys.stderr`` in colorama's globals
@@ -11,9 +11,10 @@ caller's output goes to a stale stream, or to a closed one ("I/O operation on cl
 Seen in CI: a query's one-line summary went to the previous test's capture, during a cold
 numba cache (numba#3027 and colorama#145 are the same family).
 
-The colorama step builds a string only; on Linux it changes nothing in the message. It is
-replaced by a no-op, so messages read exactly as before. Done on import of this module,
-whoever imported numba first (anndata and scanpy import it before us).
+The message string is built without colorama's stream wrapping, which matters only to a
+legacy Windows console printing the escape codes (there they would now show raw). The
+wrapping step is replaced by a no-op, so messages read exactly as before. Done on import of
+this module, whoever imported numba first (anndata and scanpy import it before us).
 """
 
 from __future__ import annotations
