@@ -668,3 +668,27 @@ def test_runs_with_missing_group_values_read_the_metadata(tmp_path, monkeypatch)
         (a, b): int(n)
         for a, b, n in zip(got["sex"].values, got["cellTypeId"].values, got["n_cells"].values, strict=True)
     } == have
+
+
+def test_local_kernels_are_prepared_once_per_process(atlas, monkeypatch):
+    """Queries on the local scheduler start one kernel-loading thread between them, not one each."""
+    import threading
+
+    from bgee_dask.query import query as query_module
+
+    calls = []
+    done = threading.Event()
+
+    def counting_prepare() -> None:
+        calls.append(threading.current_thread().name)
+        done.set()
+
+    monkeypatch.setattr(query_module.blocks, "prepare_worker", counting_prepare)
+    monkeypatch.setitem(query_module._LOCAL_PREPARE, "started", False)
+    for _ in range(3):
+        atlas.query("speciesId == 9606", genes=["CD3E"])
+    assert done.wait(10)
+    for t in threading.enumerate():
+        if t.name == "bgee-dask-prepare":
+            t.join(10)
+    assert calls == ["bgee-dask-prepare"]

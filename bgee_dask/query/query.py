@@ -27,16 +27,27 @@ FAN_IN = 8
 OBS_COLUMNS = [*CANONICAL_COLUMNS, *DERIVED_COLUMNS]
 
 
+#: Whether this process has started loading the block kernels for its own threads (once is enough).
+_LOCAL_PREPARE = {"started": False}
+_LOCAL_PREPARE_LOCK = threading.Lock()
+
+
 def _prepare_workers(client: Any | None) -> None:
     """Have the workers load the block kernels while this process plans (see ``blocks.prepare_worker``).
 
     Best effort and not waited for: a worker that cannot run it loads the kernels with its
-    first block instead, as it would have anyway.
+    first block instead, as it would have anyway. In this process it is done once: with a cold
+    numba cache the kernels compile for seconds, and a thread per query would only queue on
+    numba's compiler lock.
     """
     if client is not None:
         client.run(prepare_worker_soon, wait=False)
-    else:  # Dask's threads run the blocks in this process
-        threading.Thread(target=blocks.prepare_worker, name="bgee-dask-prepare", daemon=True).start()
+        return
+    with _LOCAL_PREPARE_LOCK:  # Dask's threads run the blocks in this process
+        if _LOCAL_PREPARE["started"]:
+            return
+        _LOCAL_PREPARE["started"] = True
+    threading.Thread(target=blocks.prepare_worker, name="bgee-dask-prepare", daemon=True).start()
 
 
 class Query:
