@@ -5,6 +5,8 @@ import threading
 
 from bgee_dask._runtime import gc_paused
 
+from .fresh_python import python_json
+
 
 def test_gc_paused_nests_across_threads_and_restores_the_state():
     assert gc.isenabled()
@@ -82,8 +84,6 @@ def test_numba_error_messages_leave_sys_stdout_and_stderr_alone():
     assigns ``sys.stdout`` and ``sys.stderr`` back to what colorama saved, which undoes any
     redirection another thread made meanwhile (see ``bgee_dask._jit``).
     """
-    from .fresh_python import python_json
-
     numba_alone = python_json(_STREAM_WATCH.format(with_bgee=False))
     ours = python_json(_STREAM_WATCH.format(with_bgee=True))
     assert ours["assigned"] == 0
