@@ -20,9 +20,11 @@ then ``--repeats`` times, interleaved round-robin so machine noise hits all alik
   ``read_direct_chunk`` + libdeflate, as bgee-dask decodes, and once more with Python's zlib) and
   encoding them with the store's codecs (``DEFAULT_CODEC``, ``INDEX_CODEC`` for X/indices,
   2**17-element pieces), nothing else; over a process pool (one file per process) and over a
-  thread pool (inflate and blosc release the GIL); the fastest is the floor. One more floor adds
-  the gene-major copy's own work (the transposition, by the converter's kernel, and encoding the
-  copy): what any converter writing that copy must do beyond the floor, measured beside it.
+  thread pool (inflate and blosc release the GIL); the fastest is the floor. Three more floors add
+  the kernels of work the issue requires beyond it, each alone and nothing else: the gene-major
+  copy's (the transposition, by the converter's kernel, and encoding the copy); the source's
+  sha256, the value checks and the cells put in another order (the converter's kernels); and
+  both. They bound what any converter doing that work can reach, measured beside it.
 
 Part 2, peak memory of converting one file: ``bgee_dask.convert([f], out, workers=1)`` in a fresh
 subprocess for files of growing size; peak RSS is sampled over the process tree every 0.1 s
@@ -131,7 +133,9 @@ def _encode_all(values, codec, executor) -> int:
     return sum(len(b) for b in encoded)
 
 
-def _floor_file(path: str, executor=None, inflate: str = "libdeflate", gene_major: bool = False) -> dict[str, int]:
+def _floor_file(
+    path: str, executor=None, inflate: str = "libdeflate", gene_major: bool = False, required: bool = False
+) -> dict[str, int]:
     import h5py
     import numcodecs
 
@@ -149,10 +153,51 @@ def _floor_file(path: str, executor=None, inflate: str = "libdeflate", gene_majo
             assert filters.get_nfilters() == 1 and filters.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE, name
             values = arrays[name] = _decode_dataset(ds, executor, inflate)
             stats["decoded_bytes"] += values.nbytes
-            stats["encoded_bytes"] += _encode_all(values, codecs[name].numcodecs_codec(), executor)
+            if not (required and name != "X/indptr"):  # (encoded once sorted, below)
+                stats["encoded_bytes"] += _encode_all(values, codecs[name].numcodecs_codec(), executor)
+    if required:
+        stats["encoded_bytes"] += _floor_required(path, arrays, n_genes, executor)
     if gene_major:
         stats["encoded_bytes"] += _floor_gene_major(arrays, n_genes, executor)
     return stats
+
+
+def _floor_required(path: str, arrays: dict[str, Any], n_genes: int, executor) -> int:
+    """The kernels of the work the issue asks for beyond decoding and encoding, and nothing else.
+
+    The source's sha256 (provenance), the value checks with the per-cell totals and detected
+    genes (one pass, the converter's kernel), and the cells in another order: each encoded
+    chunk gathered from the decoded rows as the converter does, here in a random row order
+    (the converter's comes from sorting the metadata, which this floor does not read). No
+    metadata, no writing.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from bgee_dask.h5ad.value_check import scan_csr
+    from bgee_dask.store.csr_kernels import gather_value_range
+    from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC
+
+    with open(path, "rb") as fh:
+        hashlib.file_digest(fh, "sha256")
+    data, indices = arrays["X/data"], arrays["X/indices"]
+    indptr = arrays["X/indptr"].astype(np.int64)
+    scan = scan_csr(indptr, indices, data, n_genes, executor)
+    assert scan.position == -1, path
+    perm = np.random.default_rng(0).permutation(indptr.size - 1)
+    dest_indptr = np.zeros(indptr.size, dtype=np.int64)
+    np.cumsum(np.diff(indptr)[perm], out=dest_indptr[1:])
+    value_codec, index_codec = DEFAULT_CODEC.numcodecs_codec(), INDEX_CODEC.numcodecs_codec()
+
+    def gather_and_encode(v0: int) -> int:
+        n = min(PIECE, data.size - v0)
+        out_indices, out_data = np.empty(n, dtype=np.int32), np.empty(n, dtype=data.dtype)
+        gather_value_range(perm, indptr, indices, data, dest_indptr, v0, out_indices, out_data)
+        return len(index_codec.encode(out_indices)) + len(value_codec.encode(out_data))
+
+    starts = range(0, data.size, PIECE)
+    return sum(executor.map(gather_and_encode, starts) if executor else map(gather_and_encode, starts))
 
 
 def _floor_gene_major(arrays: dict[str, Any], n_genes: int, executor) -> int:
@@ -250,14 +295,16 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         if args["mode"] == "processes":
             from functools import partial
 
-            one = partial(_floor_file, inflate=args["inflate"], gene_major=args.get("gene_major", False))
+            extra = {k: args.get(k, False) for k in ("gene_major", "required")}
+            one = partial(_floor_file, inflate=args["inflate"], **extra)
             with get_context("fork").Pool(args["workers"]) as pool:
                 stats = list(pool.imap_unordered(one, args["files"], chunksize=1))
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(args["workers"]) as ex:
-                stats = [_floor_file(f, ex, args["inflate"], args.get("gene_major", False)) for f in args["files"]]
+                extra = {k: args.get(k, False) for k in ("gene_major", "required")}
+                stats = [_floor_file(f, ex, args["inflate"], **extra) for f in args["files"]]
         out["decoded_bytes"] = sum(s["decoded_bytes"] for s in stats)
         out["encoded_bytes"] = sum(s["encoded_bytes"] for s in stats)
     else:
@@ -515,6 +562,23 @@ def _throughput_contenders(files: list[str], work: Path, cores: int) -> list[tup
             "floor",
             {"files": files, "mode": "processes", "workers": cores, "inflate": "libdeflate", "gene_major": True},
         ),
+        (
+            f"floor with the required kernels (+ sha256, value checks, cells reordered), process Pool({cores})",
+            "floor",
+            {"files": files, "mode": "processes", "workers": cores, "inflate": "libdeflate", "required": True},
+        ),
+        (
+            f"floor with the required kernels and the gene-major copy, process Pool({cores})",
+            "floor",
+            {
+                "files": files,
+                "mode": "processes",
+                "workers": cores,
+                "inflate": "libdeflate",
+                "required": True,
+                "gene_major": True,
+            },
+        ),
     ]
 
 
@@ -589,7 +653,7 @@ def part_throughput(
     _rm(work)
     summary = {label: _summarise(r, n_cells) for label, r in runs.items()}
     labels = [c[0] for c in contenders]
-    bgee, nogi, cli, cli_nogi, bgee_procs, ad3p, ad3s, ad2p, *floors, floor_gm = labels
+    bgee, nogi, cli, cli_nogi, bgee_procs, ad3p, ad3s, ad2p, *floors, floor_gm, floor_req, floor_req_gm = labels
     # The floor is the fastest way measured to only decode and encode: normally libdeflate on threads.
     floor_label = min(floors, key=lambda f: summary[f]["wall_s_median"])
 
@@ -616,6 +680,13 @@ def part_throughput(
         "floor_gene_major_over_floor": ratio(floor_gm, floor_label),
         "bgee_over_floor_gene_major": ratio(bgee, floor_gm),
         "cli_over_floor_gene_major": ratio(cli, floor_gm),
+        # The same for the kernels of the other work the issue requires (checksum, checks, sorted cells).
+        "floor_required_contender": floor_req,
+        "floor_required_over_floor": ratio(floor_req, floor_label),
+        "cli_no_gene_index_over_floor_required": ratio(cli_nogi, floor_req),
+        "floor_required_gene_major_contender": floor_req_gm,
+        "floor_required_gene_major_over_floor": ratio(floor_req_gm, floor_label),
+        "cli_over_floor_required_gene_major": ratio(cli, floor_req_gm),
         "labels": {"api": bgee, "api_no_gene_index": nogi, "cli": cli, "anndata_v3_pool": ad3p},
         "work_only": {
             "anndata_v3_pool_over_bgee": ratio(ad3p, bgee, "work_s_median"),
@@ -851,6 +922,17 @@ def _markdown(results: dict[str, Any]) -> str:
                     f"{r['bgee_over_floor_gene_major']:.2f} (the command {r['cli_over_floor_gene_major']:.2f})."
                 ]
                 if "floor_gene_major_over_floor" in r
+                else []
+            ),
+            *(
+                [
+                    f"* The floor with the kernels of the other required work (sha256, value checks, cells "
+                    f"reordered) / the floor: **{r['floor_required_over_floor']:.2f}** (the command "
+                    f"`--no-gene-index` / that floor: {r['cli_no_gene_index_over_floor_required']:.2f}); with "
+                    f"the gene-major copy too: **{r['floor_required_gene_major_over_floor']:.2f}** (the command "
+                    f"/ that floor: {r['cli_over_floor_required_gene_major']:.2f})."
+                ]
+                if "floor_required_over_floor" in r
                 else []
             ),
             f"* CPU seconds (user+sys of the whole process tree; less sensitive to other users' load): bgee-dask "
