@@ -60,6 +60,8 @@ from typing import Any
 
 RESULT_TAG = "BENCH_RESULT "
 PIECE = 1 << 17  # elements per encoded piece, as the store's inner chunks (layout.VALUES_CHUNK)
+GENE_WINDOW = 1 << 23  # gene-major values transposed at a time, as the converter does (a shard: layout.VALUES_SHARD)
+ROW_ORDER_SEED = 0  # the floors' random order of cells
 
 FULL = {
     "n_files": 8,
@@ -185,7 +187,7 @@ def _floor_required(path: str, arrays: dict[str, Any], n_genes: int, executor) -
     indptr = arrays["X/indptr"].astype(np.int64)
     scan = scan_csr(indptr, indices, data, n_genes, executor)
     assert scan.position == -1, path
-    perm = np.random.default_rng(0).permutation(indptr.size - 1)
+    perm = np.random.default_rng(ROW_ORDER_SEED).permutation(indptr.size - 1)
     dest_indptr = np.zeros(indptr.size, dtype=np.int64)
     np.cumsum(np.diff(indptr)[perm], out=dest_indptr[1:])
     value_codec, index_codec = DEFAULT_CODEC.numcodecs_codec(), INDEX_CODEC.numcodecs_codec()
@@ -220,7 +222,7 @@ def _floor_gene_major(arrays: dict[str, Any], n_genes: int, executor) -> int:
     # (the converter counts in its value scan; np.bincount first copies the indices to int64)
     np.cumsum(count_values_per_gene(indices, n_genes), out=gene_indptr[1:])
     rows = np.arange(indptr.size - 1, dtype=np.int64)
-    window = 1 << 23  # a shard's values (layout.VALUES_SHARD)
+    window = GENE_WINDOW
     cells_out, values_out = np.empty(window, dtype=np.int32), np.empty(window, dtype=data.dtype)
     value_codec, cell_codec = DEFAULT_CODEC.numcodecs_codec(), INDEX_CODEC.numcodecs_codec()
     encoded = 0
