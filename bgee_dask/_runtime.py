@@ -84,6 +84,29 @@ def gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
+class OncePerProcess:
+    """Set-up that a process needs once (loading numba kernels), asked for from many places.
+
+    Each caller may ask for it, on a daemon thread or on its own; only the first claim starts
+    it, so that a thread per request does not queue on numba's compiler lock.
+    """
+
+    def __init__(self, target: Callable[[], None], thread_name: str):
+        self.target, self.thread_name = target, thread_name
+        self.started = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """Whether this call is the first to ask (and now owns the set-up)."""
+        with self._lock:
+            first, self.started = not self.started, True
+        return first
+
+    def start_in_background(self) -> None:
+        if self.claim():
+            threading.Thread(target=self.target, name=self.thread_name, daemon=True).start()
+
+
 _HEAP_TUNED = False
 
 

@@ -684,7 +684,7 @@ def test_local_kernels_are_prepared_once_per_process(atlas, monkeypatch):
         done.set()
 
     monkeypatch.setattr(query_module.blocks, "prepare_worker", counting_prepare)
-    monkeypatch.setitem(query_module._LOCAL_PREPARE, "started", False)
+    monkeypatch.setattr(query_module._LOCAL_PREPARE, "started", False)
     for _ in range(3):
         atlas.query("speciesId == 9606", genes=["CD3E"])
     assert done.wait(10)

@@ -9,14 +9,13 @@ on one core, the fused one 0.08 s, and it runs on every core.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._jit import numba
-from .._runtime import map_on
+from .._runtime import OncePerProcess, map_on
 
 OK, NAN, INFINITE, NEGATIVE, TOO_LARGE, INDEX_OUT_OF_RANGE = range(6)
 #: Integer counts at or above this lose precision as float32.
@@ -122,10 +121,6 @@ def scan_csr(
     return RowScan(first_bad[0], first_bad[1], totals, detected, gene_nnz, any(u for _, _, u, _ in results))
 
 
-_WARM = {"started": False}
-_WARM_LOCK = threading.Lock()
-
-
 def load_kernels() -> None:
     """Load the scan kernel and the inflate kernel now, on this thread (numba's cache; cheap once loaded).
 
@@ -136,8 +131,7 @@ def load_kernels() -> None:
     files, 6 runs each: the first file took 1.24-1.62 s (median 1.41), and 0.96-1.33 s (median
     1.04) with the kernels loaded first.
     """
-    with _WARM_LOCK:
-        _WARM["started"] = True
+    _WARM_UP.claim()
     _load()
 
 
@@ -147,11 +141,7 @@ def warm_up_in_background() -> None:
     For a process that converts without ``load_kernels`` having been called first (a Dask
     worker): the 0.3 s then overlap the first file's decoding at least, instead of following it.
     """
-    with _WARM_LOCK:
-        if _WARM["started"]:
-            return
-        _WARM["started"] = True
-    threading.Thread(target=_load, name="bgee-dask-warm-up", daemon=True).start()
+    _WARM_UP.start_in_background()
 
 
 def _load() -> None:
@@ -160,3 +150,6 @@ def _load() -> None:
     from .chunks import warm_up_inflate  # the decoder's own kernel, used once it is loaded
 
     warm_up_inflate()
+
+
+_WARM_UP = OncePerProcess(_load, "bgee-dask-warm-up")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
 
-from .._runtime import cpu_count, current_client
+from .._runtime import OncePerProcess, cpu_count, current_client
 from ..atlas.catalog import AtlasCatalog
 from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS
 from . import blocks
@@ -27,9 +26,8 @@ FAN_IN = 8
 OBS_COLUMNS = [*CANONICAL_COLUMNS, *DERIVED_COLUMNS]
 
 
-#: Whether this process has started loading the block kernels for its own threads (once is enough).
-_LOCAL_PREPARE = {"started": False}
-_LOCAL_PREPARE_LOCK = threading.Lock()
+#: Loading the block kernels for this process's own threads (looked up when it starts: tests swap it).
+_LOCAL_PREPARE = OncePerProcess(lambda: blocks.prepare_worker(), "bgee-dask-prepare")
 
 
 def _prepare_workers(client: Any | None) -> None:
@@ -43,11 +41,7 @@ def _prepare_workers(client: Any | None) -> None:
     if client is not None:
         client.run(prepare_worker_soon, wait=False)
         return
-    with _LOCAL_PREPARE_LOCK:  # Dask's threads run the blocks in this process
-        if _LOCAL_PREPARE["started"]:
-            return
-        _LOCAL_PREPARE["started"] = True
-    threading.Thread(target=blocks.prepare_worker, name="bgee-dask-prepare", daemon=True).start()
+    _LOCAL_PREPARE.start_in_background()  # Dask's threads run the blocks in this process
 
 
 class Query:
