@@ -294,10 +294,10 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         import numcodecs  # noqa: F401
 
         t_work = time.perf_counter()
+        extra = {k: args.get(k, False) for k in ("gene_major", "required")}
         if args["mode"] == "processes":
             from functools import partial
 
-            extra = {k: args.get(k, False) for k in ("gene_major", "required")}
             one = partial(_floor_file, inflate=args["inflate"], **extra)
             with get_context("fork").Pool(args["workers"]) as pool:
                 stats = list(pool.imap_unordered(one, args["files"], chunksize=1))
@@ -305,7 +305,6 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(args["workers"]) as ex:
-                extra = {k: args.get(k, False) for k in ("gene_major", "required")}
                 stats = [_floor_file(f, ex, args["inflate"], **extra) for f in args["files"]]
         out["decoded_bytes"] = sum(s["decoded_bytes"] for s in stats)
         out["encoded_bytes"] = sum(s["encoded_bytes"] for s in stats)
