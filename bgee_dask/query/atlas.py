@@ -10,6 +10,9 @@ import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
 from ..atlas.location import AtlasLocation
+from .expression import expression
+from .names import column_values, queryable_columns
+from .plan import check_columns
 from .query import Query
 
 
@@ -39,6 +42,31 @@ class Atlas:
     ) -> Query:
         """Select cells across every experiment; nothing is read until a result is asked for."""
         return Query(self.catalog, filter=filter, genes=genes, client=client, progress=progress)
+
+    def expression(
+        self,
+        genes: Sequence[str] | str,
+        by: Sequence[str] | str | None = None,
+        filter: str | None = None,
+        *,
+        client: Any | None = None,
+    ) -> pd.DataFrame:
+        """Where genes are expressed: per gene and group (default species, tissue, cell type, with names)
+        ``n_cells``, ``n_measured``, ``mean_cp10k`` and ``frac_expressed``; see ``expression.expression``.
+
+        Reads only the genes' values, from each experiment's gene-major copy.
+        """
+        return expression(self.catalog, genes, by=by, filter=filter, client=client)
+
+    def values(self, column: str, filter: str | None = None, *, client: Any | None = None) -> pd.DataFrame:
+        """The values of a cell metadata column, with their names (for ids), cell and experiment counts."""
+        check_columns(self.catalog, [column], "values")
+        return column_values(Query(self.catalog, filter=filter, genes=[], client=client), column)
+
+    @property
+    def columns(self) -> list[str]:
+        """The cell metadata columns one can filter and group on."""
+        return queryable_columns(self.catalog)
 
     def __repr__(self) -> str:
         e = self.experiments

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
 from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, evaluate_partial
+from .genes import gene_vocabulary, unknown_genes_message
 from .groups import group_codes
 
 
@@ -155,9 +156,7 @@ def resolve_gene_codes(
         sym_to_ids = {sym: sorted(found) for sym, found in sym_to_ids.items()}
     unknown = [g for g in missing if g not in sym_to_ids]
     if unknown:
-        raise KeyError(
-            f"unknown gene(s) {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: not in any queried experiment"
-        )
+        raise KeyError(unknown_genes_message(unknown, gene_vocabulary(lookup, rows)))
     ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
     codes = np.asarray([_code_of(lookup.ids, g) for g in dict.fromkeys(ordered)], dtype=np.int64)
     symbols_out = None

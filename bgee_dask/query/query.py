@@ -17,6 +17,8 @@ from ..atlas.catalog import AtlasCatalog
 from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS
 from . import blocks
 from .filter import Expr, parse_filter
+from .genes import measured_frame, parse_genes, with_symbol_index
+from .names import add_name_coords
 from .plan import BlockTask, GeneTask, QueryPlan, check_columns, make_plan, run_groups
 from .preload import prepare_worker_soon
 from .reduction import Partial, check_stats, combine, finalize
@@ -62,9 +64,7 @@ class Query:
         self.expr: Expr | None = parse_filter(filter) if filter is not None and filter.strip() else None
         if self.expr is not None:
             check_columns(catalog, sorted(self.expr.columns()), "filter")
-        if isinstance(genes, str):
-            genes = [genes]
-        self.genes = list(genes) if genes is not None else None
+        self.genes = parse_genes(genes)  # "CD19,LYZ" means ["CD19", "LYZ"]
         self.client = client
         _prepare_workers(client or current_client())
         # Planning reads only the catalog, so unknown genes fail here rather than mid-compute.
@@ -136,13 +136,28 @@ class Query:
             layer = [dask.delayed(_combine_list)(layer[i : i + FAN_IN]) for i in range(0, len(layer), FAN_IN)]
         # the last combine runs here: one task and one transfer fewer on the critical path
         partial = combine(self._compute(*layer)) if layer else Partial.empty(n_exp, n_genes)
-        return _to_dataset(partial, plan, by, stats, normalize)
+        # ds.sel(gene_symbol="CD19") works, and id columns get their names (cellTypeId -> cellTypeName)
+        return add_name_coords(with_symbol_index(_to_dataset(partial, plan, by, stats, normalize)), self.catalog)
+
+    def pseudobulk(self, by: Sequence[str] | str, *, min_cells: int = 10):
+        """Summed raw counts per group of ``by`` with at least ``min_cells`` cells, as an AnnData for
+        PyDESeq2 (``DeseqDataSet(adata=pb, design="~cellTypeId")``) and decoupler, with no reshaping.
+
+        Integer counts over the genes measured in every kept group's experiments; see
+        ``pseudobulk.pseudobulk`` for obs, layers and uns.
+        """
+        from .pseudobulk import pseudobulk
+
+        return pseudobulk(self, by, min_cells=min_cells)
 
     def to_anndata(self):
         """The matching cells as an in-memory AnnData (sparse X over the query's genes).
 
-        Genes an experiment did not measure are 0 in X; ``uns['measured']`` says which
-        (experiment x gene) pairs were measured.
+        Genes an experiment did not measure are 0 in X, which does not mean "not expressed":
+        ``varm["measured"]`` (a boolean DataFrame, genes x experiments, its columns the values
+        of ``obs["experimentId"]``) says which genes each experiment measured, so
+        ``adata.varm["measured"][exp]`` is the mask of the genes valid for the cells of ``exp``.
+        ``var["gene_symbol"]`` holds the symbols where the atlas has them.
         """
         import anndata
 
@@ -162,9 +177,9 @@ class Query:
         var = pd.DataFrame(index=pd.Index(plan.gene_ids, name="gene_id"))
         if plan.gene_symbols is not None:
             var["gene_symbol"] = plan.gene_symbols
-        measured = pd.DataFrame(plan.measured, index=plan.experiments["experiment"].tolist(), columns=plan.gene_ids)
         adata = anndata.AnnData(X=x, obs=obs, var=var)
-        adata.uns["measured"] = measured
+        # genes x experiments (not the transpose in uns): a column per experiment writes fast to h5ad
+        adata.varm["measured"] = measured_frame(plan, var.index)
         adata.obs_names_make_unique()
         return adata
 
