@@ -77,12 +77,30 @@ TAXON_SPECIES: dict[int, str] = {v: k for k, v in SPECIES_TAXON.items()}
 
 
 class BgeeInputError(ValueError):
-    """A source file cannot be converted; the message names the file and the problem."""
+    """Something the user gave cannot be used: a file, a filter, a column, a gene, an argument.
 
-    def __init__(self, path: str | None, problem: str):
+    ``BgeeInputError(path, problem)`` for a file (the message names it), ``BgeeInputError(message)``
+    otherwise. Subclasses are also the built-in type code would catch without bgee-dask
+    (``InputKeyError`` is a ``KeyError``, ``InputTypeError`` a ``TypeError``).
+    """
+
+    def __init__(self, path: str | None, problem: str | None = None):
+        if problem is None:
+            path, problem = None, str(path)
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path else problem)
+
+    def __str__(self) -> str:  # not KeyError's repr-quoted message
+        return str(self.args[0]) if self.args else ""
+
+
+class InputKeyError(BgeeInputError, KeyError):
+    """An unknown name: a column, a gene, an experiment."""
+
+
+class InputTypeError(BgeeInputError, TypeError):
+    """An argument of the wrong type, e.g. a filter that is not a string."""
 
 
 @dataclass(frozen=True)
@@ -206,3 +224,46 @@ def check_identifier(kind: str, value: str) -> str:
     if not SAFE_ID.match(value) or value in {".", ".."}:
         raise ValueError(f"{kind} {value!r} is not usable as a store name (letters, digits, . _ - only)")
     return value
+
+
+_OBJECT_KINDS = {
+    "string": "string",
+    "empty": "empty",
+    "integer": "number",
+    "floating": "number",
+    "mixed-integer-float": "number",
+    "decimal": "number",
+    "boolean": "bool",
+}
+
+
+def value_kind(values) -> tuple[str, str]:
+    """(kind, description) of a pandas column or index: which filter literals its values can meet.
+
+    kind is "string", "number", "bool", "empty" (only missing values: says nothing), "mixed" or
+    "unsupported". A categorical has the kind of its categories.
+    """
+    import numpy as np
+    import pandas as pd
+    from pandas.api.types import infer_dtype, is_bool_dtype, is_numeric_dtype, is_string_dtype
+
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        categories = values.cat.categories if isinstance(values, pd.Series) else values.categories
+        if not len(categories):
+            return "empty", "categorical, no categories"
+        kind, desc = value_kind(categories)
+        return kind, f"categorical, categories: {desc}"
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
+        inferred = infer_dtype(values, skipna=True)
+        return _OBJECT_KINDS.get(inferred, "mixed"), f"object dtype holding {inferred} values"
+    if is_bool_dtype(dtype):
+        return "bool", str(dtype)
+    if is_numeric_dtype(dtype) and not (isinstance(dtype, np.dtype) and dtype.kind == "c"):
+        if len(values) and bool(pd.isna(values).all()):
+            return "empty", str(dtype)
+        return "number", str(dtype)
+    if is_string_dtype(dtype):
+        return "string", str(dtype)
+    return "unsupported", str(dtype)
+

@@ -1,9 +1,10 @@
 """Converting Bgee H5AD files into an atlas: atomic, idempotent, resumable, parallel.
 
-A store only becomes part of the atlas when its catalog fragment is written, and that happens
-after the store is complete; on local disk the store is also written under a temporary name
-and renamed into place. Re-running skips sources whose sha256 is already recorded. A killed
-run leaves at most a partial store without a fragment, which the next run replaces.
+Each file becomes a new, immutable version of its experiment, written under a fresh name while
+nothing refers to it, then committed to the catalog in one atomic step (``commit.py``); the
+version it replaces is removed after. Readers see the old experiment or the new one, never a
+mix. Re-running skips sources whose sha256 is already recorded. A killed run leaves the atlas as
+it was before that file; what it wrote is swept by the next run (or ``bgee-dask check --repair``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import json
 import os
 import time
 import traceback
@@ -25,11 +27,16 @@ import pandas as pd
 
 from .._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
 from .._version import __version__
+from ..cancellation import Cancelled, check_cancelled
+from ..failpoints import failpoint
 from ..schema import BgeeInputError, check_identifier, parse_bgee_filename
-from ..store.layout import gene_index_relpath, store_relpath
 from ..store.scratch import release_scratch
-from .catalog import Fragment, consolidate, read_fragment_record, remove_fragment, write_fragment
+from ..workdirs import sweep_stale
+from .catalog_types import CatalogTypeError
+from .commit import commit_version, declared_genes, declared_runs, read_record, share_bytes, sweep
 from .location import AtlasLocation
+from .locks import writer_lease
+from .paths import CELLS_STORE, GENES_FILE, GENES_STORE, HEADER, RUNS_FILE, WRITER_LEASE, new_version, version_dir
 
 if TYPE_CHECKING:  # imported where files are read (see _convert_file)
     from ..h5ad.source import H5adSource
@@ -150,115 +157,198 @@ def _convert_file(
     size: dict[str, Any] = {} if in_memory_nnz is None else {"in_memory_nnz": in_memory_nnz}
     kwargs: dict[str, Any] = dict(size)
     bar = None
+    version: _Version | None = None
     try:
-        # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
-        # this run may skip the file (its experiment is in the atlas already: the checksum decides).
-        known = _ids_before_opening(path, experiment_id, species)
-        record_before = read_fragment_record(loc, *known) if known is not None else None
-        early = known is not None and (overwrite or record_before is None)
-        with (
-            ThreadPoolExecutor(max(1, threads)) as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-sha256") as hasher,
-            contextlib.ExitStack() as decoding,
-        ):
-            # The checksum on a thread of its own: on the pool it held one of the threads decoding
-            # the matrix for 0.2 s of every 25k-cell file.
-            sha_future = hasher.submit(sha256_file, path) if os.path.isfile(path) else None
+        with contextlib.ExitStack() as leased:
+            check_cancelled()
+            # Decoding starts as soon as the matrix is open, while obs and var are still being read, unless
+            # this run may skip the file (its experiment is in the atlas already: the checksum decides).
+            known = _ids_before_opening(path, experiment_id, species)
+            record_before = read_record(loc, *known) if known is not None else None
+            early = known is not None and (overwrite or record_before is None)
+            # The pools are shut down (every thread stopped writing) before a failed version is
+            # removed: that happens after this block, in the ``finally`` below.
+            with (
+                ThreadPoolExecutor(max(1, threads)) as pool,
+                ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-sha256") as hasher,
+                contextlib.ExitStack() as decoding,
+            ):
+                # The checksum on a thread of its own: on the pool it held one of the threads decoding
+                # the matrix for 0.2 s of every 25k-cell file.
+                sha_future = hasher.submit(sha256_file, path) if os.path.isfile(path) else None
 
-            def sha() -> str:
-                return sha_future.result() if sha_future else ""
+                def sha() -> str:
+                    return sha_future.result() if sha_future else ""
 
-            def on_matrix(src: H5adSource):
-                nonlocal bar
-                bar = _value_bar(src, progress)
-                if bar is not None:
-                    src.on_read = kwargs["on_write"] = bar.update
-                if not early:
-                    return None
-                kwargs["decoding"] = decoding.enter_context(decode_matrix(src, **size))
-                return decoding.close
-
-            with H5adSource(
-                path, experiment_id=experiment_id, species=species, executor=pool, on_matrix=on_matrix
-            ) as src:
-                try:
-                    report.experiment_id, report.species, report.layout = src.experiment_id, src.species, src.layout
-                    ids = (src.species, src.experiment_id)
-                    existing = record_before if ids == known else read_fragment_record(loc, *ids)
-                    if existing and not overwrite:
-                        same_name = existing["source_name"] == src.name
-                        if existing["source_sha256"] == sha():
-                            report.status, report.message = "skipped", "unchanged (same sha256)"
-                            report.store = existing["store"]
-                            return report
-                        if not same_name:
-                            raise BgeeInputError(
-                                path,
-                                f"experiment {src.species}/{src.experiment_id} is already in the atlas from "
-                                f"{existing['source_name']}; pass --overwrite to replace it",
-                            )
-                    rel = store_relpath(src.species, src.experiment_id)
-                    provenance = {
-                        "source_name": src.name,
-                        "source_size": os.path.getsize(path),
-                        "source_sha256": "",
-                        "layout": src.layout,
-                        "counts_source": src.counts_key,
-                        "cpm_in_x": src.cpm_in_x,
-                        "converter": f"bgee-dask {__version__}",
-                        "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    }
-
-                    def final_provenance() -> dict[str, Any]:
-                        # taken when the store's attributes are written: hashing runs alongside the writing
-                        return {**provenance, "source_sha256": sha()}
-
-                    written = _write_atomically(loc, rel, src, final_provenance, pool, tmp_dir, kwargs, gene_index)
-                finally:
-                    decoding.close()  # the decode has ended before the file closes
+                def on_matrix(src: H5adSource):
+                    nonlocal bar
+                    bar = _value_bar(src, progress)
                     if bar is not None:
-                        bar.close()
+                        src.on_read = kwargs["on_write"] = bar.update
+                    if not early:
+                        return None
+                    kwargs["decoding"] = decoding.enter_context(decode_matrix(src, **size))
+                    return decoding.close
+
+                with H5adSource(
+                    path, experiment_id=experiment_id, species=species, executor=pool, on_matrix=on_matrix
+                ) as src:
+                    try:
+                        report.experiment_id, report.species, report.layout = (
+                            src.experiment_id,
+                            src.species,
+                            src.layout,
+                        )
+                        ids = (src.species, src.experiment_id)
+                        existing = record_before if ids == known else read_record(loc, *ids)
+                        if existing and not overwrite:
+                            if existing["source_sha256"] == sha():
+                                report.status, report.message = "skipped", "unchanged (same sha256)"
+                                report.store = existing["store"]
+                                return report
+                            if existing["source_name"] != src.name:
+                                raise BgeeInputError(
+                                    path,
+                                    f"experiment {src.species}/{src.experiment_id} is already in the atlas from "
+                                    f"{existing['source_name']}; pass --overwrite to replace it",
+                                )
+                        provenance = {
+                            "source_name": src.name,
+                            "source_size": os.path.getsize(path),
+                            "source_sha256": "",
+                            "layout": src.layout,
+                            "counts_source": src.counts_key,
+                            "cpm_in_x": src.cpm_in_x,
+                            "converter": f"bgee-dask {__version__}",
+                            "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        }
+
+                        def final_provenance() -> dict[str, Any]:
+                            # taken when the store's attributes are written: hashing runs alongside the writing
+                            return {**provenance, "source_sha256": sha()}
+
+                        version = _Version(loc, src.species, src.experiment_id, gene_index)
+                        leased.enter_context(writer_lease(loc, version.folder, WRITER_LEASE))
+                        written = _write_stores(version, src, final_provenance, pool, tmp_dir, kwargs)
+                    finally:
+                        decoding.close()  # the decode has ended before the file closes
+                        if bar is not None:
+                            bar.close()
+            failpoint("store-written")
+            record = _record(version, written, report, loc)
+            commit_version(loc, record)
+            version.committed = True
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz
-        report.store = rel
-        report.bytes = loc.size(rel) + (loc.size(gene_index_relpath(rel)) if gene_index else 0)
-        genes = written.var
-        symbol_col = next((c for c in ("feature_name", "gene_symbol", "symbol") if c in genes), None)
-        gene_table = {
+        report.store, report.bytes = version.cells, record["bytes"]
+        if report.cpm_in_x:
+            report.message = "X held CPM; raw counts were taken from layers['abundance']"
+    except BgeeInputError as exc:
+        report.message = str(exc)
+    except Cancelled as exc:
+        report.message = f"{path}: {exc}; nothing of it was committed"
+    except Exception as exc:  # a bug or an environment failure: still one line, with the cause
+        report.message = f"{path}: {type(exc).__name__}: {exc}"
+        report.details["traceback"] = traceback.format_exc()
+    finally:
+        if version is not None and not version.committed:
+            _remove_quietly(loc, version.folder)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class _Version:
+    """A new version of an experiment: its folder and what goes in it (see ``paths``)."""
+
+    loc: AtlasLocation
+    species: str
+    experiment_id: str
+    gene_index: bool
+    name: str = field(default_factory=new_version)
+    committed: bool = False
+
+    @property
+    def folder(self) -> str:
+        return version_dir(self.species, self.experiment_id, self.name)
+
+    @property
+    def cells(self) -> str:
+        return f"{self.folder}/{CELLS_STORE}"
+
+    @property
+    def genes(self) -> str | None:
+        return f"{self.folder}/{GENES_STORE}" if self.gene_index else None
+
+
+def _write_stores(version: _Version, src, provenance, pool, tmp_dir, kwargs):
+    from ..store.writer import write_experiment  # (see _convert_file)
+
+    loc = version.loc
+    return write_experiment(
+        src,
+        loc.zarr_store(version.cells),
+        provenance=provenance,
+        executor=pool,
+        spill_dir=tmp_dir,
+        gene_index_store=loc.zarr_store(version.genes) if version.genes else None,
+        **kwargs,
+    )
+
+
+def _record(version: _Version, written, report: ConversionReport, loc: AtlasLocation) -> dict[str, Any]:
+    """The experiment's catalog record, after its share (runs and genes tables) is written beside the stores.
+
+    The share is cast to the catalog's declared types here, so that a value the catalog cannot
+    hold fails this file, before anything is committed.
+    """
+    genes = written.var
+    symbol_col = next((c for c in ("feature_name", "gene_symbol", "symbol") if c in genes), None)
+    gene_table = pd.DataFrame(
+        {
             "gene_id": genes.index.astype(str),
             # missing symbols stay missing (astype(str) would name them "nan")
             "gene_symbol": np.where(genes[symbol_col].notna(), genes[symbol_col].astype(str), None)
             if symbol_col
             else None,
-            "gene_index": range(len(genes)),
+            "gene_index": np.arange(len(genes), dtype=np.int64),
             "gene_nnz": written.gene_nnz,
         }
-        record = {
-            "experimentId": report.experiment_id,
-            "species": report.species,
-            "n_cells": written.n_cells,
-            "n_genes": written.n_genes,
-            "nnz": written.nnz,
-            "bytes": report.bytes,
-            "store": rel,
-            "layout": report.layout,
-            "cpm_in_x": bool(report.cpm_in_x),
-            "row_blocks": written.row_blocks,
-            "obs_columns": written.obs_columns,
-            "gene_index": gene_index_relpath(rel) if gene_index else None,
-            **written.attrs["provenance"],  # as the store records it, checksum included
-        }
-        write_fragment(loc, Fragment(record, written.runs, pd.DataFrame(gene_table)))
-        if report.cpm_in_x:
-            report.message = "X held CPM; raw counts were taken from layers['abundance']"
-    except BgeeInputError as exc:
-        report.message = str(exc)
-    except Exception as exc:  # a bug or an environment failure: still one line, with the cause
-        report.message = f"{path}: {type(exc).__name__}: {exc}"
-        report.details["traceback"] = traceback.format_exc()
-    report.seconds = time.perf_counter() - start
-    return report
+    )
+    try:
+        runs, gene_share = declared_runs(written.runs), declared_genes(gene_table)
+    except CatalogTypeError as exc:
+        raise BgeeInputError(report.source, str(exc)) from None
+    loc.write_bytes(f"{version.folder}/{RUNS_FILE}", share_bytes(runs))
+    loc.write_bytes(f"{version.folder}/{GENES_FILE}", share_bytes(gene_share))
+    size = loc.size(version.cells) + (loc.size(version.genes) if version.genes else 0)
+    return {
+        "experimentId": version.experiment_id,
+        "species": version.species,
+        "version": version.name,
+        "n_cells": written.n_cells,
+        "n_genes": written.n_genes,
+        "nnz": written.nnz,
+        "bytes": size,
+        "store": version.cells,
+        "gene_index": version.genes,
+        "runs": f"{version.folder}/{RUNS_FILE}",
+        "genes": f"{version.folder}/{GENES_FILE}",
+        "format_version": written.attrs["format_version"],
+        "layout": report.layout,
+        "cpm_in_x": bool(written.attrs["cpm_in_x"]),
+        "row_blocks": written.row_blocks,
+        "obs_columns": written.obs_columns,
+        "obs_kinds": json.dumps(written.obs_kinds, sort_keys=True),
+        **written.attrs["provenance"],  # as the store records it, checksum included
+    }
+
+
+def _remove_quietly(loc: AtlasLocation, rel: str) -> None:
+    """Remove a version that was not committed; a failure here leaves debris for ``check``, not an error."""
+    with contextlib.suppress(Exception):
+        loc.remove(rel)
 
 
 def _ids_before_opening(path: str, experiment_id: str | None, species: str | None) -> tuple[str, str] | None:
@@ -279,65 +369,6 @@ def _ids_before_opening(path: str, experiment_id: str | None, species: str | Non
         return check_identifier("species", ids[0]), check_identifier("experiment id", ids[1])
     except ValueError:
         return None
-
-
-def _write_atomically(loc, rel, src, provenance, pool, tmp_dir, kwargs, gene_index: bool):
-    """Stores first, then the old fragment goes (so a killed overwrite is redone), then the stores are published.
-
-    On local disk both stores are written under temporary names and renamed into place; on an
-    object store, where there is no rename, the fragment written afterwards is what publishes them.
-    """
-    from ..store.writer import write_experiment  # (see _convert_file)
-
-    targets = [rel, gene_index_relpath(rel)]
-    if loc.is_local:
-        parent = os.path.dirname(loc.path(rel))
-        os.makedirs(parent, exist_ok=True)
-        for name in os.listdir(parent):  # leftovers of killed runs for this experiment
-            if any(name.startswith(os.path.basename(t) + suffix) for t in targets for suffix in (".partial-", ".old-")):
-                loc.remove(f"{os.path.dirname(rel)}/{name}")
-        token = uuid.uuid4().hex[:8]
-        partial = {t: f"{t}.partial-{token}" for t in targets}
-        try:
-            written = write_experiment(
-                src,
-                loc.zarr_store(partial[rel]),
-                provenance=provenance,
-                executor=pool,
-                spill_dir=tmp_dir,
-                gene_index_store=loc.zarr_store(partial[targets[1]]) if gene_index else None,
-                **kwargs,
-            )
-            # Only now: a source that fails validation while streaming must not unlist the experiment.
-            remove_fragment(loc, src.species, src.experiment_id)
-            for t in targets:
-                if loc.exists(t):
-                    os.replace(loc.path(t), loc.path(f"{t}.old-{token}"))
-                if loc.exists(partial[t]):
-                    os.replace(loc.path(partial[t]), loc.path(t))
-                loc.remove(f"{t}.old-{token}")
-        except BaseException:
-            for t in targets:
-                loc.remove(partial[t])
-            raise
-        return written
-    remove_fragment(loc, src.species, src.experiment_id)
-    for t in targets:
-        loc.remove(t)
-    try:
-        return write_experiment(
-            src,
-            loc.zarr_store(rel),
-            provenance=provenance,
-            executor=pool,
-            spill_dir=tmp_dir,
-            gene_index_store=loc.zarr_store(targets[1]) if gene_index else None,
-            **kwargs,
-        )
-    except BaseException:
-        for t in targets:
-            loc.remove(t)
-        raise
 
 
 def _plan(paths: Sequence[str], overwrite: bool, experiment_id: str | None, species: str | None):
@@ -407,10 +438,12 @@ def convert(
         sources = [sources]
     paths = find_sources(sources)
     loc = AtlasLocation(out, storage_options)
-    if paths and not loc.is_local:
-        # wrong credentials or a missing bucket: one StorageAccessError before any file is read
+    if paths:
+        # wrong credentials, a missing bucket, a read-only folder: one error before any file is read
         loc.check_access(write=True)
     todo, reports = _plan(paths, overwrite, experiment_id, species)
+    if todo:
+        sweep_stale(tmp_dir)  # spill folders of conversions killed before (this machine's)
     kwargs = {
         "overwrite": overwrite,
         "experiment_id": experiment_id,
@@ -424,35 +457,30 @@ def convert(
             reports += _run_serial(todo, loc, kwargs, progress)
         finally:
             release_scratch()
-        consolidate(loc)
     elif client is None and workers is None:
         # Tasks of dask's threaded scheduler, in this process: a file already keeps every core
         # busy (decoding and encoding run on its own thread pool), so worker processes only added
-        # their start-up and a second copy of the imports (bench_convert, 2 cores, 8 files: 12.45 s
-        # on two processes, 10.88 s here), and an in-process distributed cluster only its event
-        # loop. Many cores: a few files at once, each with its share of the cores.
+        # their start-up and a second copy of the imports. Many cores: a few files at once, each
+        # with its share of the cores.
         cores = cpu_count()
         n = max(1, min(len(todo), cores // 4))
         try:
             reports += _run_threads(todo, loc, kwargs, progress, n, threads=max(1, cores // n))
         finally:
             release_scratch()
-        consolidate(loc)
     elif client is None:
         n = min(len(todo), workers)
-        with ThreadPoolExecutor(1) as background:
-            with local_client(n) as local:
-                reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
-                # the catalog is consolidated while the cluster shuts down (0.7 s)
-                consolidated = background.submit(consolidate, loc)
-            consolidated.result()
+        with local_client(n) as local:
+            reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
     else:
         try:
             reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
         finally:
             # the workers kept the last file's working arrays for the next one; nothing more is coming
             client.run(release_scratch)
-        consolidate(loc)
+    if todo and (loc.exists(HEADER) or any(r.status == "converted" for r in reports)):
+        # Each file committed itself; this commits what killed runs left uncommitted and removes their debris.
+        sweep(loc)
     order = {p: i for i, p in enumerate(paths)}
     return sorted(reports, key=lambda r: order.get(r.source, len(order)))
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -113,6 +114,27 @@ def _is_connection_error(exc: BaseException) -> bool:
     )
 
 
+#: What marks a local file as still being written (see ``AtlasLocation.write_bytes``).
+TMP_MARK = ".tmp-"
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an object store refused a conditional request (HTTP 412 / 409)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _error_code(exc) in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+            return True
+        if "PreconditionFailed" in str(exc) or "Precondition" in type(exc).__name__:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _etag_of(response: Any) -> str | None:
+    return response.get("ETag") if isinstance(response, dict) else None
+
+
 class AtlasLocation:
     """A root URL plus the options needed to reach it; picklable, so tasks can carry it."""
 
@@ -203,14 +225,15 @@ class AtlasLocation:
     def check_access(self, *, write: bool = False) -> None:
         """Fail early, with a :class:`StorageAccessError`, when the atlas cannot be read (or written).
 
-        One listing request, plus with ``write`` a probe object written and removed; a local
-        folder is created when ``write``.
+        One listing request, plus with ``write`` a probe object written and removed.
         """
         if self.is_local:
-            if write:
-                os.makedirs(self.url, exist_ok=True)
-                if not os.access(self.url, os.W_OK):
-                    raise PermissionError(f"{self.url}: folder is not writable")
+            if write:  # the atlas folder is made by the first commit, not here: a failed run leaves none
+                existing = self.url
+                while not os.path.exists(existing):
+                    existing = os.path.dirname(existing)
+                if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+                    raise PermissionError(f"{self.url}: cannot write there ({existing} is not a writable folder)")
             return
         with self._translated():
             try:
@@ -238,17 +261,74 @@ class AtlasLocation:
             return self.fs.exists(self.path(rel))
 
     def write_bytes(self, rel: str, payload: bytes) -> None:
-        """Write a whole object; on local disk through a temporary name and an atomic rename."""
+        """Write a whole object atomically: readers see the old content or the new, never a part.
+
+        On local disk through a temporary name (``<name>.tmp-<random>``, removed if the write
+        fails; one left by a killed process is debris that ``check`` finds) and a rename; on an
+        object store one PUT, which is atomic there.
+        """
         target = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-            os.replace(tmp, target)
+            tmp = f"{target}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(payload)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             with self._translated():
                 self.fs.pipe_file(target, payload)  # one PUT
+
+    # -- conditional writes (object stores): what leases are built on ---------------------------
+    def create_exclusive(self, rel: str, payload: bytes) -> str | None:
+        """Write an object only if none exists (``If-None-Match: *``); its ETag, or None if one existed."""
+        with self._translated():
+            try:
+                out = self.fs.pipe_file(self.path(rel), payload, mode="create")
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return None
+                raise
+        return _etag_of(out) or self.stat(rel)[0]  # type: ignore[index]
+
+    def replace_if(self, rel: str, payload: bytes, etag: str) -> str | None:
+        """Overwrite an object only if it still has ``etag`` (``If-Match``); the new ETag, or None."""
+        with self._translated():
+            try:
+                out = self.fs.pipe_file(self.path(rel), payload, IfMatch=etag)
+            except Exception as exc:
+                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                    return None
+                raise
+        return _etag_of(out) or self.stat(rel)[0]  # type: ignore[index]
+
+    def remove_if(self, rel: str, etag: str) -> bool:
+        """Delete an object only if it still has ``etag``; whether it was deleted."""
+        bucket, _, key = self.path(rel).partition("/")
+        with self._translated():
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            except Exception as exc:
+                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                    return False
+                raise
+            self.fs.invalidate_cache(self.path(rel))
+        return True
+
+    def stat(self, rel: str) -> tuple[str, float] | None:
+        """(ETag, modification time as a POSIX timestamp) of an object, None if there is none."""
+        with self._translated():
+            try:
+                info = self.fs.info(self.path(rel), refresh=True)
+            except FileNotFoundError:
+                return None
+        modified = info.get("LastModified") or info.get("mtime")
+        stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+        return str(info.get("ETag", "")), stamp
 
     def read_bytes(self, rel: str) -> bytes:
         if self.is_local:
@@ -305,10 +385,30 @@ class AtlasLocation:
                 return []
         return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
 
+    def find(self, rel: str) -> list[str]:
+        """Paths (relative to ``rel``) of every file below ``rel``; empty if there is none."""
+        base = self.path(rel).rstrip("/")
+        with self._translated():
+            try:
+                if not self.is_local:
+                    self.fs.invalidate_cache(base)  # a listing must see what other writers wrote
+                found = self.fs.find(base)
+            except FileNotFoundError as exc:
+                if _error_code(exc) == "NoSuchBucket":
+                    raise
+                return []
+        prefix = base + "/"
+        return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
+
     def remove(self, rel: str) -> None:
         target = self.path(rel)
         with self._translated():
-            if self.fs.exists(target):
+            if self.is_local:
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+            elif self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
 
     def size(self, rel: str) -> int:

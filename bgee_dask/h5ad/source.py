@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import pandas as pd
+from pandas.api.types import infer_dtype
 
 from ..schema import (
     CANONICAL_COLUMNS,
@@ -285,6 +286,9 @@ class H5adSource:
                 obs[col] = pd.to_numeric(obs[col].astype(object)).astype("Int64")
             except (ValueError, TypeError):
                 raise _fail(self.path, f"obs column {col!r} should hold integers") from None
+        for col in CANONICAL_COLUMNS:
+            if col not in INTEGER_COLUMNS:
+                obs[col] = _as_text(obs[col], self.path, col)
         ordered = list(CANONICAL_COLUMNS) + [c for c in obs.columns if c not in CANONICAL_COLUMNS]
         return _compact_strings(obs[ordered])
 
@@ -434,6 +438,46 @@ def _read_maybe_into(reader: ChunkedReader, start: int, stop: int, out: np.ndarr
     if out.dtype == reader.dtype and out.flags.c_contiguous:
         return reader.read_into(start, stop, out), True
     return reader.read(start, stop), False
+
+
+def _text_of(value: object) -> str | None:
+    """A canonical text column's value as text: numbers written as numbers (129.0 -> "129"), NaN missing."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and np.isfinite(value):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    raise TypeError(f"{type(value).__name__} {value!r}")
+
+
+def _as_text(values: pd.Series, path: str, column: str) -> pd.Series:
+    """A canonical text column as text, whatever type the file gave it (missing stays missing).
+
+    Bgee writes NULL metadata as NaN, so an all-missing column reads back as float, and some
+    files hold numbers or booleans in text columns; the catalog declares these columns text.
+    """
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        categories = values.cat.categories
+        if infer_dtype(categories, skipna=True) in ("string", "empty"):
+            return values
+        codes, uniques = values.cat.codes.to_numpy(), categories
+    elif isinstance(values.dtype, pd.StringDtype):
+        return values
+    else:
+        codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
+    try:
+        texts = [_text_of(v) for v in uniques]
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"obs column {column!r} holds a value that cannot be written as text: {exc}") from None
+    mapped = np.asarray([*texts, None], dtype=object)[np.where(codes < 0, len(texts), codes)]
+    return pd.Series(mapped, index=values.index, dtype=object)
 
 
 def _compact_strings(obs: pd.DataFrame) -> pd.DataFrame:

@@ -56,8 +56,11 @@ def select(
     store = open_store(loc, task.store)
     needed = list(dict.fromkeys([*columns, *(sorted(expr.columns()) if expr is not None else [])]))
     frame = read_obs(store, needed, task.r0, task.r1)
-    mask = evaluate(expr, frame) if expr is not None else np.ones(len(frame), dtype=bool)
+    # lenient: a literal that does not fit this experiment's column type matches none of its cells
+    mask = evaluate(expr, frame, lenient=True) if expr is not None else np.ones(task.r1 - task.r0, dtype=bool)
     rows = np.flatnonzero(mask)
+    if not columns:
+        return rows, pd.DataFrame(index=pd.RangeIndex(rows.size))
     return rows, frame.iloc[rows][columns].reset_index(drop=True)
 
 

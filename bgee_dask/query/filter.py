@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray, ExtensionDtype
-from pandas.api.types import infer_dtype, is_bool_dtype, is_numeric_dtype, is_string_dtype
+
+from ..schema import BgeeInputError, InputKeyError, InputTypeError, value_kind
 
 __all__ = [
     "PARTIAL_FALSE",
@@ -103,7 +104,7 @@ PARTIAL_UNKNOWN = -1
 # --------------------------------------------------------------------------- errors
 
 
-class FilterSyntaxError(ValueError):
+class FilterSyntaxError(BgeeInputError):
     """The filter text is not in the language; carries ``text`` and 0-based ``position``."""
 
     def __init__(self, text: str, position: int, reason: str):
@@ -113,7 +114,7 @@ class FilterSyntaxError(ValueError):
         super().__init__(f"filter syntax error at position {position}: {reason}\n{_caret(text, position)}")
 
 
-class UnknownColumnError(KeyError, ValueError):
+class UnknownColumnError(InputKeyError):
     """The filter names columns the data lacks; ``suggestions`` maps each to close matches.
 
     A KeyError because a column is looked up, a ValueError because the filter is what is wrong;
@@ -138,7 +139,7 @@ class UnknownColumnError(KeyError, ValueError):
         return str(self.args[0])
 
 
-class FilterTypeError(ValueError):
+class FilterTypeError(BgeeInputError):
     """A literal cannot be compared with a column's values; ``column`` names the column."""
 
     def __init__(self, column: str, message: str):
@@ -621,7 +622,7 @@ def parse_filter(text: str) -> Expr:
     Parse once and evaluate many times: every block of every experiment reuses the same tree.
     """
     if not isinstance(text, str):
-        raise TypeError(f"a filter must be a string, not {type(text).__name__}")
+        raise InputTypeError(f"a filter must be a string, not {type(text).__name__}")
     return _Parser(text).parse()
 
 
@@ -656,30 +657,9 @@ def _leaves(expr: Expr) -> Iterator[Compare | IsIn]:
             yield from _leaves(item)
 
 
-_OBJECT_KINDS = {
-    "string": "string",
-    "empty": "empty",
-    "integer": "number",
-    "floating": "number",
-    "mixed-integer-float": "number",
-    "decimal": "number",
-    "boolean": "bool",
-}
-
-
 def _kind(values: pd.Series | pd.Index) -> tuple[str, str]:
     """(kind, description) of values: which literals they may meet, and how to say it."""
-    dtype = values.dtype
-    if isinstance(dtype, np.dtype) and dtype.kind == "O":
-        inferred = infer_dtype(values, skipna=True)
-        return _OBJECT_KINDS.get(inferred, "mixed"), f"object dtype holding {inferred} values"
-    if is_bool_dtype(dtype):
-        return "bool", str(dtype)
-    if is_numeric_dtype(dtype) and not (isinstance(dtype, np.dtype) and dtype.kind == "c"):
-        return "number", str(dtype)
-    if is_string_dtype(dtype):
-        return "string", str(dtype)
-    return "unsupported", str(dtype)
+    return value_kind(values)
 
 
 def _as_bool(result: Any) -> np.ndarray:
@@ -702,8 +682,7 @@ class _Column:
             self.codes = np.asarray(series.array.codes)
             self.values: pd.Series | pd.Index = series.cat.categories
             # no categories at all (every value missing) says nothing about the intended type
-            kind, desc = _kind(self.values) if len(self.values) else ("empty", "no categories")
-            self.kind, self.desc = kind, f"categorical, categories: {desc}"
+            self.kind, self.desc = _kind(series)
         else:
             self.values = series
             self.kind, self.desc = _kind(series)
@@ -799,6 +778,7 @@ class _Frame:
         self.frame = frame
         self.n = len(frame)
         self._columns: dict[str, _Column] = {}
+        self.unfit: set[int] = set()  # leaves (by id) whose literal does not fit their column here
 
     def column(self, name: str) -> _Column:
         col = self._columns.get(name)
@@ -825,27 +805,66 @@ def _coerce(expr: Expr | str) -> Expr:
     if isinstance(expr, str):
         return parse_filter(expr)
     if not isinstance(expr, Expr):
-        raise TypeError(f"expected a filter expression, not {type(expr).__name__}")
+        raise InputTypeError(f"expected a filter expression, not {type(expr).__name__}")
     return expr
 
 
-def evaluate(expr: Expr | str, frame: pd.DataFrame) -> np.ndarray:
+def evaluate(expr: Expr | str, frame: pd.DataFrame, *, lenient: bool = False) -> np.ndarray:
     """Boolean mask (numpy, positional, one per row of ``frame``) of the rows that match.
 
     All literals are type-checked against their columns first, so a bad filter fails the same
     way whatever rows a block holds; then sub-expressions short-circuit once decided.
+
+    ``lenient``: a comparison whose literal does not fit the column's type matches no row (as a
+    missing value does) instead of raising. Queries use it inside each experiment, after the
+    planner checked that the literal fits the column in at least one experiment: a column may be
+    numeric in one experiment and text in another (``check_literals_fit``).
     """
     expr = _coerce(expr)
     check_columns(expr, frame.columns)
     data = _Frame(frame)
     nnf = _push_not(expr)
     for leaf in _leaves(nnf):
-        data.column(leaf.column).check_leaf(leaf)
+        try:
+            data.column(leaf.column).check_leaf(leaf)
+        except FilterTypeError:
+            if not lenient:
+                raise
+            data.unfit.add(id(leaf))
     return _eval(nnf, data)
+
+
+def check_literals_fit(expr: Expr, kinds_by_experiment: Iterable[dict[str, str]]) -> None:
+    """Raise :class:`FilterTypeError` for a comparison whose literal fits its column in no experiment.
+
+    ``kinds_by_experiment``: per experiment, column -> kind (``schema.value_kind``). A column an
+    experiment lacks, or holds only missing values in, says nothing.
+    """
+    kinds: dict[str, set[str]] = {}
+    for mapping in kinds_by_experiment:
+        for column, kind in mapping.items():
+            kinds.setdefault(column, set()).add(kind)
+    for leaf in _leaves(_push_not(expr)):
+        seen = kinds.get(leaf.column, set()) - {"empty"}
+        if not seen:
+            continue
+        errors = []
+        for kind in sorted(seen):
+            column = _Column.__new__(_Column)
+            column.name, column.kind, column.desc = leaf.column, kind, f"{kind} in some experiments"
+            try:
+                column.check_leaf(leaf)
+                break
+            except FilterTypeError as exc:
+                errors.append(exc)
+        else:
+            raise errors[0]
 
 
 def _eval(expr: Expr, data: _Frame) -> np.ndarray:
     if isinstance(expr, (Compare, IsIn)):
+        if id(expr) in data.unfit:
+            return np.zeros(data.n, dtype=bool)
         return data.column(expr.column).match(expr)
     is_and = isinstance(expr, And)
     out: np.ndarray | None = None

@@ -9,6 +9,7 @@ match; the tasks decide the remaining uncertainty cell by cell.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
-from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, evaluate_partial
+from ..schema import InputKeyError
+from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, check_literals_fit, evaluate_partial
 from .genes import gene_vocabulary, unknown_genes_message
 from .groups import group_codes
 
@@ -74,7 +76,14 @@ def check_columns(catalog: AtlasCatalog, columns: Sequence[str], what: str) -> N
     if unknown:
         hints = {c: difflib.get_close_matches(c, sorted(known), n=3) for c in unknown}
         detail = "; ".join(f"{c!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for c, h in hints.items())
-        raise KeyError(f"unknown {what} column {detail}")
+        raise InputKeyError(f"unknown {what} column {detail}")
+
+
+def check_filter_types(catalog: AtlasCatalog, expr: Expr) -> None:
+    """Every literal must fit its column's type in at least one experiment (see ``filter.evaluate``)."""
+    if "obs_kinds" not in catalog.experiments:
+        return
+    check_literals_fit(expr, [json.loads(k) for k in catalog.experiments["obs_kinds"] if isinstance(k, str)])
 
 
 @dataclass
@@ -156,7 +165,7 @@ def resolve_gene_codes(
         sym_to_ids = {sym: sorted(found) for sym, found in sym_to_ids.items()}
     unknown = [g for g in missing if g not in sym_to_ids]
     if unknown:
-        raise KeyError(unknown_genes_message(unknown, gene_vocabulary(lookup, rows)))
+        raise InputKeyError(unknown_genes_message(unknown, gene_vocabulary(lookup, rows)))
     ordered = [i for g in wanted for i in ([g] if g in by_id else sym_to_ids[g])]
     codes = np.asarray([_code_of(lookup.ids, g) for g in dict.fromkeys(ordered)], dtype=np.int64)
     symbols_out = None

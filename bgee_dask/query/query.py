@@ -14,12 +14,12 @@ import xarray as xr
 
 from .._runtime import OncePerProcess, cpu_count, current_client
 from ..atlas.catalog import AtlasCatalog
-from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS
+from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError, InputTypeError
 from . import blocks
 from .filter import Expr, parse_filter
 from .genes import measured_frame, parse_genes, with_symbol_index
 from .names import add_name_coords
-from .plan import BlockTask, GeneTask, QueryPlan, check_columns, make_plan, run_groups
+from .plan import BlockTask, GeneTask, QueryPlan, check_columns, check_filter_types, make_plan, run_groups
 from .preload import prepare_worker_soon
 from .reduction import Partial, check_stats, combine, finalize
 
@@ -60,10 +60,13 @@ class Query:
         self.catalog = catalog
         self.progress = progress
         self.location = catalog.location
+        if filter is not None and not isinstance(filter, str):
+            raise InputTypeError(f"filter must be a string (or None for every cell), not {type(filter).__name__}")
         self.filter_text = filter
         self.expr: Expr | None = parse_filter(filter) if filter is not None and filter.strip() else None
         if self.expr is not None:
             check_columns(catalog, sorted(self.expr.columns()), "filter")
+            check_filter_types(catalog, self.expr)
         self.genes = parse_genes(genes)  # "CD19,LYZ" means ["CD19", "LYZ"]
         self.client = client
         _prepare_workers(client or current_client())
@@ -114,7 +117,7 @@ class Query:
         by = [by] if isinstance(by, str) else list(by)
         stats = check_stats(stats)
         if normalize not in blocks.NORMALIZE_MODES:
-            raise ValueError(f"unknown normalize {normalize!r}; choose None, 'cp10k' or 'log1p_cp10k'")
+            raise BgeeInputError(f"unknown normalize {normalize!r}; choose None, 'cp10k' or 'log1p_cp10k'")
         check_columns(self.catalog, by, "group-by")
         plan = self.plan
         n_exp, n_genes = len(plan.experiments), len(plan.gene_ids)

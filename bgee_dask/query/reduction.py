@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..schema import BgeeInputError
+
 STATS = ("sum", "mean", "var", "n_expressed", "frac_expressed")
 
 
@@ -112,5 +114,5 @@ def finalize(partial: Partial, measured: np.ndarray, stats: Sequence[str]) -> di
 def check_stats(stats: Sequence[str]) -> list[str]:
     unknown = [s for s in stats if s not in STATS]
     if unknown:
-        raise ValueError(f"unknown statistic(s) {unknown}; choose from {list(STATS)}")
+        raise BgeeInputError(f"unknown statistic(s) {unknown}; choose from {list(STATS)}")
     return list(dict.fromkeys(stats))

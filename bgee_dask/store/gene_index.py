@@ -16,15 +16,16 @@ conversion already holds, whatever the file size.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import tempfile
 from concurrent.futures import Executor
 
 import numpy as np
 import zarr
 
 from .._runtime import map_on
+from ..cancellation import check_cancelled
+from ..workdirs import private_dir
 from .consolidation import consolidate_written_store
 from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
 from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
@@ -89,7 +90,8 @@ class GeneIndexBuilder:
         if n == 0:
             return
         if self.workdir is None:
-            self.workdir = tempfile.mkdtemp(prefix="bgee-dask-genes-", dir=self.spill_dir)
+            self._scratch_dir = contextlib.ExitStack()
+            self.workdir = self._scratch_dir.enter_context(private_dir("genes", self.spill_dir))
         n_buckets = len(self.bounds) - 1
         cells = np.empty(n, dtype=np.int32)
         genes = np.empty(n, dtype=np.int32)
@@ -120,12 +122,17 @@ class GeneIndexBuilder:
                 self.executor,
                 self.scratch,
             )
-            if self._matrix is not None:
-                self._write_from_matrix(cells_out, data_out)
-            else:
-                self._write_from_spill(cells_out, data_out)
-            cells_out.close()
-            data_out.close()
+            try:
+                if self._matrix is not None:
+                    self._write_from_matrix(cells_out, data_out)
+                else:
+                    self._write_from_spill(cells_out, data_out)
+                cells_out.close()
+                data_out.close()
+            except BaseException:
+                cells_out.stop()  # no writer thread may still be writing when the store is removed
+                data_out.stop()
+                raise
             write_indptr_array(root, "indptr", self.indptr, self.codec)
             root.attrs["bgee_dask"] = {
                 "format": GENE_INDEX_FORMAT,
@@ -178,6 +185,7 @@ class GeneIndexBuilder:
         allocate = self.scratch.empty if self.scratch is not None else np.empty
         cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
         for k in range(len(self.bounds) - 1):
+            check_cancelled()
             g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
             n = int(sizes[k])
             if n:
@@ -193,8 +201,10 @@ class GeneIndexBuilder:
             self.scratch.give_back(values_buf)
 
     def discard(self) -> None:
-        if getattr(self, "workdir", None):
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        scratch_dir = getattr(self, "_scratch_dir", None)
+        if scratch_dir is not None:
+            scratch_dir.close()
+            self._scratch_dir = None
 
     def _path(self, k: int) -> str:
         return os.path.join(self.workdir, f"genes-{k:05d}.bin")

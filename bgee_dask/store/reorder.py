@@ -13,9 +13,8 @@ file. CSC sources go through the same spill, as row fragments.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -26,8 +25,10 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from .._runtime import release_free_heap
+from ..cancellation import check_cancelled
 from ..h5ad.source import H5adSource
 from ..h5ad.value_check import RowScan, scan_csr
+from ..workdirs import private_dir
 from .csr_kernels import (
     count_values_per_gene,
     gather_rows,
@@ -133,13 +134,14 @@ def stream_sorted(
         bounds = np.unique(np.minimum(bounds, n))
     else:
         bounds = None  # known once the source's row lengths are
-    workdir = tempfile.mkdtemp(prefix="bgee-dask-spill-", dir=spill_dir)
-    try:
+    with contextlib.ExitStack() as scratch_dir:
+        workdir = scratch_dir.enter_context(private_dir("spill", spill_dir))
         spill = _Spill(workdir, out_dtype)
         row_len = np.zeros(n, dtype=np.int64)
         gene_nnz = np.zeros(source.n_vars, dtype=np.int64)
         if source.format == "csc":
             for block in prefetch(source.iter_csc_blocks(nnz_per_block=read_nnz)):
+                check_cancelled()
                 csr = (
                     _scipy_sparse()
                     .csc_matrix((block.data, block.indices, block.indptr), shape=(n, block.col_stop - block.col_start))
@@ -167,6 +169,7 @@ def stream_sorted(
             if lengths is not None:
                 bounds = row_blocks(_permuted_indptr(source.indptr, perm), bucket_nnz)
             for block in prefetch(source.iter_csr_blocks(nnz_per_block=read_nnz)):
+                check_cancelled()
                 r0, r1 = block.row_start, block.row_stop
                 row_totals(block.indptr, block.data, totals[r0:r1], detected[r0:r1])
                 row_len[r0:r1] = np.diff(block.indptr)
@@ -178,6 +181,7 @@ def stream_sorted(
         dest_indptr = _permuted_indptr(np.concatenate([[0], np.cumsum(row_len)]), perm)
         sink.begin(dest_indptr, gene_nnz)
         for k in range(len(bounds) - 1):
+            check_cancelled()
             indices, data = spill.gather(k)
             expected = int(dest_indptr[bounds[k + 1]] - dest_indptr[bounds[k]])
             if indices.size != expected:
@@ -186,8 +190,6 @@ def stream_sorted(
                 b0, b1 = int(bounds[k]), int(bounds[k + 1])
                 sink.rows(b0, dest_indptr[b0 : b1 + 1] - dest_indptr[b0], indices, data)
         return ReorderResult(dest_indptr, totals, detected, int(dest_indptr[-1]), True)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _fits_in_memory(source: H5adSource, in_memory_nnz: int) -> bool:

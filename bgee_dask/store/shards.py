@@ -132,6 +132,10 @@ class ShardWriter:
             pos += take
             self.advance(take)
 
+    def stop(self) -> None:
+        """Wait for the shard being written, without writing more: after a failure, before the store is removed."""
+        self._writer.shutdown(wait=True)
+
     def close(self) -> None:
         """Write the last, partial shard and check that exactly ``size`` values arrived."""
         try:

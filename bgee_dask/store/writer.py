@@ -25,9 +25,10 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
 from .._runtime import release_free_heap
+from ..cancellation import check_cancelled
 from ..h5ad import value_check
 from ..h5ad.source import H5adSource
-from ..schema import DERIVED_COLUMNS, SORT_COLUMNS
+from ..schema import DERIVED_COLUMNS, SORT_COLUMNS, value_kind
 from . import scratch
 from .consolidation import consolidate_written_store
 from .frame_encoding import encode_arrays, encode_empty_mapping, encode_frame
@@ -60,6 +61,7 @@ class WrittenStore:
     runs: pd.DataFrame
     var: pd.DataFrame
     obs_columns: list[str]
+    obs_kinds: dict[str, str]  # column -> schema.value_kind, which filter literals it can meet
     gene_nnz: np.ndarray  # values stored per gene, for the query planner
     attrs: dict[str, Any]
 
@@ -90,12 +92,14 @@ class _StoreSink:
         while n := write_gathered_shard(
             [self.indices, self.data], lambda start, outs: matrix.fill_sorted(start, outs[0], outs[1])
         ):
+            check_cancelled()
             if self.on_write is not None:
                 self.on_write(n)
         if self.genes is not None:
             self.genes.matrix(matrix)
 
     def rows(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        check_cancelled()
         self.indices.append(indices)
         self.data.append(data)
         if self.genes is not None:
@@ -279,6 +283,7 @@ def write_experiment(
         obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
         runs = runs_table(obs)
         obs_columns = [*(str(c) for c in obs.columns), *DERIVED_COLUMNS]
+        obs_kinds = {str(c): value_kind(obs[c])[0] for c in obs.columns} | dict.fromkeys(DERIVED_COLUMNS, "number")
         out_dtype = source.out_dtype
         nnz_total = source.nnz
         root = zarr.open_group(store, mode="w", zarr_format=3)
@@ -330,6 +335,11 @@ def write_experiment(
             indices_writer.close()
             if genes is not None:
                 genes.close({"experiment_id": source.experiment_id, "species": source.species})
+        except BaseException:
+            # no writer thread may still be writing when the caller removes the store
+            data_writer.stop()
+            indices_writer.stop()
+            raise
         finally:
             if genes is not None:
                 genes.discard()
@@ -371,6 +381,7 @@ def write_experiment(
         runs=runs,
         var=source.var,
         obs_columns=obs_columns,
+        obs_kinds=obs_kinds,
         gene_nnz=getattr(sink, "gene_nnz", np.zeros(source.n_vars, dtype=np.int64)),
         attrs=attrs,
     )

@@ -1,0 +1,64 @@
+"""Private scratch folders that a later run can tell from live ones, and remove.
+
+A conversion spills to a folder under the system temp (or ``--tmp-dir``). A process killed with
+SIGKILL cannot remove it, so each folder holds a lock file the owning process keeps locked
+(``flock``) for the folder's life. The kernel drops that lock when the process dies, however it
+dies: :func:`sweep_stale` removes exactly the folders whose lock nobody holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+PREFIX = "bgee-dask-"
+LOCK_NAME = ".owner.lock"
+
+
+@contextlib.contextmanager
+def private_dir(purpose: str, parent: str | None = None) -> Iterator[str]:
+    """A new folder ``bgee-dask-<purpose>-*`` under ``parent`` (default: system temp), removed on exit."""
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{purpose}-", dir=parent)
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def _owned(path: str) -> bool:
+    """Whether a live process holds the folder's lock (a folder without one is not ours to judge)."""
+    lock = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
+
+
+def sweep_stale(parent: str | None = None) -> list[str]:
+    """Remove the scratch folders under ``parent`` whose owning process is gone; return their paths."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(PREFIX) and os.path.isdir(path) and not _owned(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
