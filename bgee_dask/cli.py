@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -98,11 +99,64 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated: sum, mean, var, n_expressed, frac_expressed (default: all)",
     )
-    p.add_argument("--normalize", choices=["none", "cp10k", "log1p_cp10k"], default="none")
-    p.add_argument("--out", required=True, metavar="FILE", help="result file: .csv, .parquet or .nc")
+    p.add_argument(
+        "--normalize",
+        choices=["none", "cp10k", "log1p_cp10k"],
+        default=None,
+        help="per-cell normalization before the statistics (default: none; the --plot shows log1p_cp10k unless "
+        "this is given)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="result file: .csv, .parquet or .nc (statistics per group and gene), or .h5ad: the pseudobulk "
+        "AnnData of summed raw counts for PyDESeq2 / decoupler",
+    )
+    p.add_argument(
+        "--min-cells",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --out .h5ad: leave out groups of fewer than N cells (default 10)",
+    )
     p.add_argument("--plot", metavar="PNG", help="also draw a dot plot (colour = mean, size = fraction expressing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_cluster_options(p)
+
+    p = sub.add_parser(
+        "expression",
+        help="where genes are expressed: per species, tissue and cell type across every experiment",
+        description="Cells, cells that measured the gene, mean counts per 10k and fraction expressing, per gene "
+        "and group; read from each experiment's gene-major copy.",
+    )
+    p.add_argument("atlas", metavar="ATLAS", help="atlas folder or URL")
+    p.add_argument("genes", nargs="+", metavar="GENE", help="Ensembl ids or symbols (also comma-separated)")
+    p.add_argument("--filter", metavar="EXPR", help='only cells matching this filter, e.g. "speciesId == 9606"')
+    p.add_argument(
+        "--by",
+        metavar="COLS",
+        help="comma-separated columns to group by (default: speciesId,anatEntityId,cellTypeId, shown with names)",
+    )
+    p.add_argument("--out", metavar="FILE", help="write the whole table to .csv, .tsv or .parquet instead of printing")
+    p.add_argument("--plot", metavar="PNG", help="also draw a dot plot (colour = mean cp10k, size = fraction)")
+    p.add_argument(
+        "--max-rows", type=int, default=30, metavar="N", help="groups printed per gene without --out (default 30)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_options(p)
+
+    p = sub.add_parser(
+        "values",
+        help="list the values of a cell metadata column, with names and cell counts",
+        description="The values a column holds among the (filtered) cells, most cells first: what to write in "
+        "--filter and what --by will group. 'bgee-dask info ATLAS' lists the columns.",
+    )
+    p.add_argument("atlas", metavar="ATLAS", help="atlas folder or URL")
+    p.add_argument("column", metavar="COLUMN", help="a cell metadata column, e.g. cellTypeId, anatEntityId, sex")
+    p.add_argument("--filter", metavar="EXPR", help="count only cells matching this filter")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="values printed, most cells first (0: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every value)")
 
     p = sub.add_parser("generate", help="write synthetic Bgee-like H5AD files (for demos and benchmarks)")
     p.add_argument("out", metavar="DIR")
@@ -210,8 +264,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .atlas.catalog import AtlasCatalog
     from .atlas.location import AtlasLocation
+    from .query.names import queryable_columns
 
-    summary = AtlasCatalog(AtlasLocation(args.atlas)).summary()
+    catalog = AtlasCatalog(AtlasLocation(args.atlas))
+    summary = catalog.summary()
+    summary["columns"] = queryable_columns(catalog) if summary["n_experiments"] else []
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
         return 0
@@ -241,6 +298,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 "by symbol: genes the file names by symbol, keyed in queries by the Ensembl id other experiments "
                 "of the species give that symbol"
             )
+    if summary["columns"]:
+        print(f"columns to filter and group on: {', '.join(summary['columns'])}")
+        print("  (bgee-dask values ATLAS COLUMN lists a column's values with their cell counts)")
     return 0
 
 
@@ -249,6 +309,10 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
+    if _is_h5ad(args.out):  # the pseudobulk for count tools, not statistics per group and gene
+        return _cmd_query_pseudobulk(args)
+    if args.min_cells is not None:
+        raise ValueError("--min-cells applies to the pseudobulk, written with --out FILE.h5ad")
     from .query.atlas import open_atlas
     from .query.export import write_result
 
@@ -260,13 +324,14 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     def run(client: Any) -> Any:
         q = atlas.query(args.filter, genes=_split(args.genes), client=client, progress=not args.no_progress)
-        return q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
+        ds = q.aggregate(by=_split(args.by) or [], stats=stats, normalize=normalize)
+        return ds, _plot_dataset(args, q, ds)
 
     if _remote_client(args) or args.workers:
         with _client(args, preload=(PRELOAD_MODULE,)) as client:
-            ds = run(client)
+            ds, plot_ds = run(client)
     else:
-        ds = run(None)
+        ds, plot_ds = run(None)
     write_result(ds, args.out)
     print(f"{ds.sizes['group']} groups x {ds.sizes['gene']} genes, {int(ds['n_cells'].sum()):,} cells -> {args.out}")
     if args.plot:
@@ -275,8 +340,145 @@ def _cmd_query(args: argparse.Namespace) -> int:
         else:
             from .query.plot import dot_plot
 
-            dot_plot(ds, args.plot)
+            dot_plot(plot_ds, args.plot)
             print(f"dot plot -> {args.plot}")
+    return 0
+
+
+#: What the query's --plot shows without --normalize: means of normalized counts, comparable across cells.
+PLOT_NORMALIZE = "log1p_cp10k"
+
+
+def _plot_dataset(args: argparse.Namespace, query: Any, ds: Any) -> Any:
+    """The result the --plot draws: ``ds`` itself, or normalized means when --normalize was not given."""
+    if not args.plot or args.normalize is not None or ds.sizes["group"] == 0:
+        return ds
+    return query.aggregate(by=_split(args.by) or [], stats=["mean", "frac_expressed"], normalize=PLOT_NORMALIZE)
+
+
+def _is_h5ad(path: str) -> bool:
+    return os.path.splitext(str(path))[1].lower() == ".h5ad"
+
+
+def _check_local_output(path: str, *, suffixes: tuple[str, ...]) -> None:
+    """Fail before computing when ``path`` cannot be written: wrong format, a URL, or a missing folder."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in suffixes:
+        raise ValueError(f"{path}: unknown output format {ext!r}; use {', '.join(suffixes)}")
+    if "://" in path:
+        raise ValueError(f"{path}: this output is written to a local file; give a path on this machine")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
+
+
+def _cmd_query_pseudobulk(args: argparse.Namespace) -> int:
+    """``query --out X.h5ad``: the pseudobulk AnnData (summed raw counts per group) for PyDESeq2 and decoupler."""
+    from .query.atlas import open_atlas
+
+    _check_local_output(args.out, suffixes=(".h5ad",))
+    if args.plot:
+        _check_local_output(args.plot, suffixes=(".png", ".pdf", ".svg"))
+    by = _split(args.by) or []
+    min_cells = 10 if args.min_cells is None else args.min_cells
+    atlas = open_atlas(args.atlas)
+
+    def run(client: Any) -> Any:
+        q = atlas.query(args.filter, genes=_split(args.genes), client=client, progress=not args.no_progress)
+        pb = q.pseudobulk(by, min_cells=min_cells)
+        plot_ds = None
+        if args.plot:
+            norm = PLOT_NORMALIZE if args.normalize is None else (None if args.normalize == "none" else args.normalize)
+            plot_ds = q.aggregate(by=by, stats=["mean", "frac_expressed"], normalize=norm)
+        return pb, plot_ds
+
+    if _remote_client(args) or args.workers:
+        with _client(args, preload=(PRELOAD_MODULE,)) as client:
+            pb, plot_ds = run(client)
+    else:
+        pb, plot_ds = run(None)
+    pb.write_h5ad(args.out)
+    below = len(pb.uns["groups_below_min_cells"])
+    print(
+        f"pseudobulk: {pb.n_obs} groups x {pb.n_vars} genes, {int(pb.obs['n_cells'].sum()):,} cells -> {args.out}"
+        f"\n{below} groups under {min_cells} cells left out; {pb.uns['n_genes_dropped']:,} genes left out "
+        f"(not measured in every group's experiments){'; sums rounded to integers' if pb.uns['counts_rounded'] else ''}"
+    )
+    if plot_ds is not None:
+        if plot_ds.sizes["group"] == 0:
+            print("no cell matched: no plot drawn", file=sys.stderr)
+        else:
+            from .query.plot import dot_plot
+
+            dot_plot(plot_ds, args.plot)
+            print(f"dot plot -> {args.plot}")
+    return 0
+
+
+def _cmd_expression(args: argparse.Namespace) -> int:
+    from .query.atlas import open_atlas
+    from .query.expression import expression_dataset, expression_frame, format_expression_table
+
+    if args.out:
+        _check_local_output(args.out, suffixes=(".csv", ".tsv", ".parquet"))
+    if args.plot:
+        _check_local_output(args.plot, suffixes=(".png", ".pdf", ".svg"))
+    atlas = open_atlas(args.atlas)
+
+    def run(client: Any) -> Any:
+        kwargs = dict(by=_split(args.by), filter=args.filter, client=client, progress=not args.no_progress)
+        ds = expression_dataset(atlas.catalog, args.genes, **kwargs)
+        # the plot's colours on a log scale: one highly expressed gene would wash out the others
+        if not args.plot:
+            return ds, None
+        return ds, expression_dataset(atlas.catalog, args.genes, normalize=PLOT_NORMALIZE, **kwargs)
+
+    if _remote_client(args) or args.workers:
+        with _client(args, preload=(PRELOAD_MODULE,)) as client:
+            ds, plot_ds = run(client)
+    else:
+        ds, plot_ds = run(None)
+    table = expression_frame(ds)
+    if args.out:
+        ext = os.path.splitext(args.out)[1].lower()
+        if ext == ".parquet":
+            table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(args.out, index=False)
+        else:
+            table.to_csv(args.out, index=False, sep="\t" if ext == ".tsv" else ",")
+        print(f"{len(table):,} rows ({ds.sizes['gene']} genes x {ds.sizes['group']} groups) -> {args.out}")
+    else:
+        print(format_expression_table(table, max_rows_per_gene=args.max_rows or None), end="")
+    if args.plot:
+        if ds.sizes["group"] == 0:
+            print("no cell matched: no plot drawn", file=sys.stderr)
+        else:
+            from .query.plot import dot_plot
+
+            symbols = ds["gene_symbol"].values if "gene_symbol" in ds.coords else ds["gene"].values
+            shown = ", ".join(str(s) if s else str(g) for s, g in zip(symbols, ds["gene"].values, strict=True))
+            verb = "is" if ds.sizes["gene"] == 1 else "are"
+            dot_plot(plot_ds, args.plot, title=f"where {shown} {verb} expressed")
+            print(f"dot plot -> {args.plot}")
+    return 0
+
+
+def _cmd_values(args: argparse.Namespace) -> int:
+    from .query.atlas import open_atlas
+
+    table = open_atlas(args.atlas).values(args.column, filter=args.filter)
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    if table.empty:
+        print("no cell matched")
+        return 0
+    shown = table if not args.limit else table.head(args.limit)
+    text = shown.astype(object).where(shown.notna(), "NA")
+    text["n_cells"] = [f"{n:,}" for n in shown["n_cells"]]
+    print(text.rename(columns={"n_cells": "cells", "n_experiments": "experiments"}).to_string(index=False))
+    if len(shown) < len(table):
+        print(f"... {len(table) - len(shown)} more values (--limit 0 lists all)")
+    print(f"{len(table)} values, {int(table['n_cells'].sum()):,} cells")
     return 0
 
 
@@ -311,6 +513,8 @@ _COMMANDS = {
     "convert": _cmd_convert,
     "info": _cmd_info,
     "query": _cmd_query,
+    "expression": _cmd_expression,
+    "values": _cmd_values,
     "generate": _cmd_generate,
     "demo": _cmd_demo,
 }
@@ -359,7 +563,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 #: Commands whose work runs numba kernels (decoding, checking and moving values; aggregating).
-_NUMBA_COMMANDS = frozenset({"convert", "query", "demo"})
+_NUMBA_COMMANDS = frozenset({"convert", "query", "demo", "expression", "values"})
 
 
 def _is_storage_library_error(exc: BaseException) -> bool:

@@ -44,14 +44,28 @@ def expression(
     not measure the gene come last, with NaN mean and fraction. ``genes`` may be ids or symbols,
     as a list or comma-separated text.
     """
+    return expression_frame(expression_dataset(catalog, genes, by=by, filter=filter, client=client))
+
+
+def expression_dataset(
+    catalog: AtlasCatalog,
+    genes: Sequence[str] | str,
+    by: Sequence[str] | str | None = None,
+    filter: str | None = None,
+    *,
+    client: Any | None = None,
+    progress: bool = False,
+    normalize: str = NORMALIZE,
+) -> xr.Dataset:
+    """The ``aggregate`` result behind ``expression`` (``mean`` and ``frac_expressed``, with names), for a
+    dot plot of the same groups; ``normalize="log1p_cp10k"`` gives the means a plot's colours read best."""
     names = parse_genes(genes)
     if not names:
         raise ValueError("expression needs at least one gene (Ensembl id or symbol)")
     by = list(DEFAULT_BY) if by is None else ([by] if isinstance(by, str) else list(by))
-    query = Query(catalog, filter=filter, genes=names, client=client)
-    ds = query.aggregate(by=by, stats=["mean", "frac_expressed"], normalize=NORMALIZE)
-    ds = add_name_coords(ds, catalog)
-    return expression_frame(ds)
+    query = Query(catalog, filter=filter, genes=names, client=client, progress=progress)
+    ds = query.aggregate(by=by, stats=["mean", "frac_expressed"], normalize=normalize)
+    return add_name_coords(ds, catalog)
 
 
 def expression_frame(ds: xr.Dataset) -> pd.DataFrame:

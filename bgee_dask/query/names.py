@@ -21,6 +21,20 @@ NAME_OF: dict[str, str] = {
     "speciesId": "species",
 }
 
+#: How a figure or table names a column for a reader.
+COLUMN_TITLES: dict[str, str] = {
+    "cellTypeId": "cell type",
+    "cellTypeName": "cell type",
+    "anatEntityId": "tissue",
+    "anatEntityName": "tissue",
+    "stageId": "stage",
+    "stageName": "stage",
+    "speciesId": "species",
+    "experimentId": "experiment",
+    "libID": "library",
+    "SampleId": "sample",
+}
+
 #: Per-cell columns that are not metadata one groups on (they differ from cell to cell).
 PER_CELL_COLUMNS: tuple[str, ...] = ("barcodes", "unique_cell_ids", "source_row", "total_counts", "n_genes")
 
