@@ -25,7 +25,11 @@ EXIT_USAGE = 2
 
 
 def _add_cluster_options(
-    p: argparse.ArgumentParser, *, workers: bool = True, default: str = "a local cluster of worker processes"
+    p: argparse.ArgumentParser,
+    *,
+    workers: bool = True,
+    default: str = "a local cluster of worker processes",
+    jobs: bool = True,
 ) -> None:
     g = p.add_argument_group(f"where to compute (default: {default})")
     g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler, e.g. tcp://host:8786")
@@ -34,7 +38,10 @@ def _add_cluster_options(
     g.add_argument(
         "--cluster", choices=["slurm", "pbs", "sge", "lsf"], help="start workers as batch jobs (dask-jobqueue)"
     )
-    g.add_argument("--jobs", type=int, default=None, metavar="N", help="batch jobs to start with --cluster (default 1)")
+    if jobs:  # (download has its own --jobs: transfers at once, or batch jobs with --cluster)
+        g.add_argument(
+            "--jobs", type=int, default=None, metavar="N", help="batch jobs to start with --cluster (default 1)"
+        )
     g.add_argument(
         "--memory-limit",
         metavar="SIZE",
@@ -158,6 +165,62 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, metavar="N", help="values printed, most cells first (0: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output (every value)")
 
+    p = sub.add_parser(
+        "download",
+        help="list, fetch and convert a species' droplet experiments straight from Bgee",
+        description="Fetch a species' droplet H5AD files from Bgee into DIR/<release>/<Genus_species>/ (resumable, "
+        "checked, recorded in manifest.json; complete files are not fetched again) and, with --atlas, convert "
+        "each into an atlas as it arrives, with the experiments' annotations.",
+    )
+    p.add_argument(
+        "species",
+        metavar="SPECIES",
+        help='Genus_species, "Genus species", a common name from Bgee\'s species table (human) or an NCBI taxon '
+        "id (9606)",
+    )
+    p.add_argument(
+        "--experiment",
+        action="append",
+        metavar="ID",
+        help="an experiment id from the species' annotation; repeat for more (default: every experiment)",
+    )
+    p.add_argument("--release", metavar="R", help="Bgee release, e.g. 15.2 (default: the newest in release_v2.tsv)")
+    p.add_argument(
+        "--base-url", metavar="URL", help="where Bgee's release_v2.tsv is (default: https://www.bgee.org/ftp)"
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="only list the experiments, one per line (id, name, library count); nothing is written",
+    )
+    p.add_argument("--json", action="store_true", help="with --list: the experiments' annotations as JSON")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where files land, as DIR/<release>/<Genus_species>/<file> (required unless --list)",
+    )
+    p.add_argument(
+        "--atlas",
+        metavar="ATLAS",
+        help="convert each file as it arrives into this atlas (folder or URL, e.g. s3://bucket/atlas), and keep "
+        "the experiment and library annotations in its catalog",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="transfers at once (default 2); with --cluster, batch jobs to start, each a worker that fetches and "
+        "converts",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_options(
+        p,
+        workers=False,
+        jobs=False,
+        default="--jobs transfers on threads of this process, each file converted here as it arrives; with "
+        "--scheduler or --cluster the workers fetch and convert, and must see DIR and the atlas",
+    )
+
     p = sub.add_parser("generate", help="write synthetic Bgee-like H5AD files (for demos and benchmarks)")
     p.add_argument("out", metavar="DIR")
     p.add_argument("--experiments", type=int, default=4)
@@ -270,7 +333,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     summary = catalog.summary()
     summary["columns"] = queryable_columns(catalog) if summary["n_experiments"] else []
     if args.json:
-        print(json.dumps(summary, indent=1, default=str))
+        print(json.dumps(_with_experiment_names(args.atlas, summary), indent=1, default=str))
         return 0
     print(
         f"atlas {summary['atlas']} ({summary['format']} {summary['format_version']}, updated {summary['updated_at']})"
@@ -279,11 +342,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"{summary['n_experiments']} experiments, species {', '.join(summary['species']) or '-'}, "
         f"{summary['n_cells']:,} cells, {summary['nnz']:,} non-zero values, {_human_bytes(summary['bytes'])}"
     )
-    rows = summary["experiments"]
+    rows = _with_experiment_names(args.atlas, summary)["experiments"]
     if rows:
         header = (
             f"{'experiment':<14} {'species':<24} {'cells':>10} {'genes':>8} {'by symbol':>10} {'nnz':>14} "
-            f"{'size':>10} layout"
+            f"{'size':>10} {'layout':<6} name"
         )
         print(header)
         for r in rows:
@@ -291,7 +354,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(
                 f"{r['experimentId']:<14} {r['species']:<24} {r['n_cells']:>10,} {r['n_genes']:>8,} "
                 f"{'-' if by_symbol is None else format(by_symbol, ','):>10} "
-                f"{r['nnz']:>14,} {_human_bytes(r['bytes']):>10} {r.get('layout', '')}"
+                f"{r['nnz']:>14,} {_human_bytes(r['bytes']):>10} {r.get('layout', ''):<6} {r.get('name', '')}".rstrip()
             )
         if any(r.get("n_genes_by_symbol") for r in rows):
             print(
@@ -482,6 +545,85 @@ def _cmd_values(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_experiment_names(atlas: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with each experiment's ``name`` from Bgee's annotations, where the atlas has them."""
+    from .atlas.annotations import read_experiment_annotations
+    from .atlas.location import AtlasLocation
+
+    notes = read_experiment_annotations(AtlasLocation(atlas))
+    if "name" in notes:
+        rows = zip(notes["species"], notes["experimentId"], notes["name"], strict=True)
+        names = {(s, e): n for s, e, n in rows if isinstance(n, str) and n}
+        for r in summary["experiments"]:
+            if (r["species"], r["experimentId"]) in names:
+                r["name"] = names[(r["species"], r["experimentId"])]
+    return summary
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .bgee.download import DEFAULT_JOBS, list_experiments, run_download
+    from .bgee.releases import DEFAULT_BASE_URL
+
+    base_url = args.base_url or DEFAULT_BASE_URL
+    if args.list:
+        frame = list_experiments(args.species, args.release, base_url)
+        if args.json:
+            print(json.dumps(frame.astype(object).where(frame.notna(), None).to_dict(orient="records"), indent=1))
+        else:
+            for exp, name, n in zip(frame["experimentId"], frame["name"], frame["library_count"], strict=True):
+                print(f"{exp}\t{name or ''}\t{'' if n is None or n != n else n}")
+        return 0
+    if args.json:
+        raise ValueError("--json applies to --list")
+    if not args.out:
+        raise ValueError("--out DIR is required (unless --list)")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError("--jobs must be at least 1")
+    # --jobs counts batch jobs only with --cluster; here it is also the number of transfers
+    cluster_args = argparse.Namespace(**{**vars(args), "jobs": args.jobs if args.cluster else None})
+    _check_cluster_args(cluster_args)
+    if args.memory_limit and not args.cluster:
+        raise ValueError("--memory-limit applies to the batch jobs started with --cluster")
+
+    def show(outcome: Any) -> None:
+        where = f" on {outcome.worker}" if outcome.worker else ""
+        if outcome.status == "downloaded":
+            extra = ", resumed" if outcome.resumed else ""
+            extra += f", {outcome.attempts} attempts" if outcome.attempts > 1 else ""
+            print(f"downloaded {outcome.job.dest} ({outcome.entry['bytes']:,} bytes{extra}){where}")
+        elif outcome.status == "skipped":
+            print(f"skipped {outcome.job.dest}: {outcome.message}{where}")
+        if outcome.conversion is not None and outcome.conversion.status != "failed":
+            print(outcome.conversion.line())
+
+    kwargs = dict(
+        experiments=args.experiment,
+        release=args.release,
+        out=args.out,
+        base_url=base_url,
+        atlas=args.atlas,
+        jobs=args.jobs or DEFAULT_JOBS,
+        progress=not args.no_progress,
+        on_outcome=show,
+    )
+    if args.scheduler or args.cluster:
+        with _client(cluster_args) as client:
+            result = run_download(args.species, client=client, **kwargs)
+    else:
+        result = run_download(args.species, **kwargs)
+    for failure in result.failures:
+        print(f"bgee-dask: error: {failure}", file=sys.stderr)
+    counts = {s: sum(o.status == s for o in result.outcomes) for s in ("downloaded", "skipped")}
+    converted = sum(r.status == "converted" for r in result.conversions)
+    print(
+        f"Bgee {result.release.name} {result.species.name}: {counts['downloaded']} files downloaded, "
+        f"{counts['skipped']} already complete, {len(result.failures)} problems -> {result.folder}"
+        + (f"; {converted} converted -> {args.atlas}" if args.atlas else ""),
+        file=sys.stderr,
+    )
+    return EXIT_PARTIAL if result.failures else 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .synthetic import generate_sources
 
@@ -515,6 +657,7 @@ _COMMANDS = {
     "query": _cmd_query,
     "expression": _cmd_expression,
     "values": _cmd_values,
+    "download": _cmd_download,
     "generate": _cmd_generate,
     "demo": _cmd_demo,
 }
