@@ -415,22 +415,70 @@ def check_store(
     return stored
 
 
-def check_catalog(atlas: str | os.PathLike, stored: ad.AnnData, *, species: str, experiment_id: str, layout: str):
-    """The consolidated catalog (read with pandas) agrees with the store's obs."""
+def record(atlas: str | os.PathLike, species: str, exp: str) -> dict:
+    """The experiment's committed record, ``catalog/fragments/<species>/<exp>.json`` (read with json)."""
     import json
 
+    return json.loads((Path(atlas) / "catalog" / "fragments" / species / f"{exp}.json").read_text())
+
+
+def store_path(atlas: str | os.PathLike, species: str, exp: str, kind: str = "cells") -> Path:
+    """The current version's store (``kind="cells"``) or gene-major copy (``kind="genes"``), as its record names it."""
+    rec = record(atlas, species, exp)
+    key, name = {"cells": ("store", "cells.zarr"), "genes": ("gene_index", "genes.zarr")}[kind]
+    assert rec[key] == f"experiments/{species}/{exp}/{rec['version']}/{name}", rec
+    return Path(atlas) / rec[key]
+
+
+def header(atlas: str | os.PathLike) -> dict:
+    """The catalog header, ``catalog/atlas.json`` (read with json)."""
+    import json
+
+    return json.loads((Path(atlas) / "catalog" / "atlas.json").read_text())
+
+
+def catalog_table(atlas: str | os.PathLike, name: str) -> Path:
+    """A table (``experiments.parquet``, ``runs.parquet``, ...) of the tables folder the header names."""
+    return Path(atlas) / header(atlas)["tables"] / name
+
+
+def version_folders(atlas: str | os.PathLike) -> dict[str, list[str]]:
+    """``<species>/<exp>`` -> the version folders on disk under ``experiments/``."""
+    root = Path(atlas) / "experiments"
+    if not root.is_dir():
+        return {}
+    return {
+        f"{s.name}/{e.name}": sorted(v.name for v in e.iterdir())
+        for s in sorted(root.iterdir())
+        for e in sorted(s.iterdir())
+    }
+
+
+def assert_no_debris(atlas: str | os.PathLike) -> None:
+    """Every version folder on disk is the current one its record names, and no temporary file remains."""
     atlas = Path(atlas)
-    header = json.loads((atlas / "catalog" / "atlas.json").read_text())
-    experiments = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    for key, versions in version_folders(atlas).items():
+        species, exp = key.split("/")
+        assert (atlas / "catalog" / "fragments" / species / f"{exp}.json").is_file(), f"{key}: no record"
+        assert versions == [record(atlas, species, exp)["version"]], (key, versions)
+    assert not [p for p in atlas.rglob("*") if ".tmp-" in p.name]
+
+
+def check_catalog(atlas: str | os.PathLike, stored: ad.AnnData, *, species: str, experiment_id: str, layout: str):
+    """The consolidated catalog (read with pandas) agrees with the store's obs."""
+    atlas = Path(atlas)
+    head = header(atlas)
+    experiments = pd.read_parquet(catalog_table(atlas, "experiments.parquet"))
     row = experiments[(experiments["experimentId"] == experiment_id) & (experiments["species"] == species)]
     assert len(row) == 1, experiments[["experimentId", "species"]]
     row = row.iloc[0]
-    assert row["experiment"] in header["experiments"]
+    assert row["experiment"] == f"{species}/{experiment_id}"
+    assert head["experiments"][row["experiment"]] == record(atlas, species, experiment_id)["version"]
     assert row["layout"] == layout
     assert int(row["n_cells"]) == stored.n_obs
     assert int(row["n_genes"]) == stored.n_vars
     assert int(row["nnz"]) == stored.X.nnz
-    runs = pd.read_parquet(atlas / "catalog" / "runs.parquet")
+    runs = pd.read_parquet(catalog_table(atlas, "runs.parquet"))
     runs = runs[runs["experiment"].astype(str) == row["experiment"]].sort_values("row_start")
     assert len(runs) >= 1
     starts, stops = runs["row_start"].to_numpy(), runs["row_stop"].to_numpy()

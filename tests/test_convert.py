@@ -17,7 +17,9 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from bgee_dask.atlas.catalog import AtlasCatalog, consolidate
+from bgee_dask.atlas.catalog import AtlasCatalog
+from bgee_dask.atlas.check import check_atlas
+from bgee_dask.atlas.commit import consolidate
 from bgee_dask.atlas.convert import convert
 from bgee_dask.atlas.location import AtlasLocation
 from bgee_dask.store.scratch import kept_bytes
@@ -61,7 +63,7 @@ def _atlas_files(atlas: Path) -> set[str]:
 
 
 def _shard(atlas: Path, species: str, exp: str) -> Path:
-    return atlas / species / f"{exp}.zarr" / "X" / "data" / "c" / "0"
+    return mi.store_path(atlas, species, exp) / "X" / "data" / "c" / "0"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_primary_file_matches_source(primary_atlas, bgee_sources, exp):
     species = SPECIES[exp]
     report = _by_source(reports)[bgee_sources[exp].name]
     assert (report.experiment_id, report.species, report.layout) == (exp, species, "doc")
-    store = atlas / species / f"{exp}.zarr"
+    store = mi.store_path(atlas, species, exp)
     stored = mi.check_store(store, bgee_sources[exp], layout="doc", experiment_id=exp)
     mi.check_catalog(atlas, stored, species=species, experiment_id=exp, layout="doc")
     assert zarr.open_group(store, mode="r").metadata.zarr_format == 3
@@ -131,7 +133,7 @@ def test_variant_file_matches_source_and_primary(variant_atlas, bgee_sources, na
     exp, layout = name.split(".")[0], LAYOUT[name]
     species = SPECIES[exp]
     assert _by_source(reports)[bgee_sources[name].name].layout == layout
-    stored = mi.check_store(atlas / species / f"{exp}.zarr", bgee_sources[name], layout=layout, experiment_id=exp)
+    stored = mi.check_store(mi.store_path(atlas, species, exp), bgee_sources[name], layout=layout, experiment_id=exp)
     mi.check_catalog(atlas, stored, species=species, experiment_id=exp, layout=layout)
     # Same cells as the primary (doc) file: every canonical column the layout has must hold the doc values.
     doc = ad.read_h5ad(bgee_sources[exp], backed="r").obs.loc[stored.obs_names]
@@ -143,16 +145,16 @@ def test_variant_file_matches_source_and_primary(variant_atlas, bgee_sources, na
 
 def test_variant_specific_mappings(variant_atlas):
     atlas, _ = variant_atlas
-    d = ad.read_zarr(atlas / "Mus_musculus" / "SRPT00005.zarr").obs
+    d = ad.read_zarr(mi.store_path(atlas, "Mus_musculus", "SRPT00005")).obs
     assert "GO:0005575" in set(d["cellTypeId"].astype(str))
     assert "unknown" not in set(d["cellTypeId"].astype(str))
     assert set(d["sex"].astype(str)) == {"not annotated"}  # from bgeeSex, not the PATO label
     assert set(d["sex_ontology_label"].astype(str)) == {"unknown"}
     assert d["SampleId"].isna().all() and d["unique_cell_ids"].isna().all()
-    c = ad.read_zarr(atlas / "Homo_sapiens" / "SRPT00003.zarr").obs
+    c = ad.read_zarr(mi.store_path(atlas, "Homo_sapiens", "SRPT00003")).obs
     assert set(c["anatEntityId"].astype(str)) == {"UBERON:0000178"}
     assert set(c["libID"].astype(str)) == {"SRXT030001", "SRXT030002", "SRXT030003"}
-    b = ad.read_zarr(atlas / "Homo_sapiens" / "SRPT00002.zarr").obs
+    b = ad.read_zarr(mi.store_path(atlas, "Homo_sapiens", "SRPT00002")).obs
     assert set(b["libID"].astype(str)) == {"SRXT020001"}
     assert "rnaSeqSequencerName" in b and "cellCompartment" in b
 
@@ -161,16 +163,16 @@ def test_catalog_lists_everything(primary_atlas, variant_atlas, bgee_sources):
     atlas, _ = primary_atlas
     header = json.loads((atlas / "catalog" / "atlas.json").read_text())
     assert header["n_experiments"] == 7
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert sorted(e["experimentId"]) == PRIMARY
     assert int(e["n_cells"].sum()) == 17_293
     for exp in PRIMARY:
         h5 = ad.read_h5ad(bgee_sources[exp], backed="r")
         row = e[e["experimentId"] == exp].iloc[0]
         assert int(row["n_cells"]) == h5.n_obs and int(row["n_genes"]) == h5.n_vars
-    genes = pd.read_parquet(atlas / "catalog" / "genes.parquet")
+    genes = pd.read_parquet(mi.catalog_table(atlas, "genes.parquet"))
     assert len(genes) == int(e["n_genes"].sum())
-    v = pd.read_parquet(variant_atlas[0] / "catalog" / "experiments.parquet")
+    v = pd.read_parquet(mi.catalog_table(variant_atlas[0], "experiments.parquet"))
     assert dict(zip(v["experimentId"], v["layout"], strict=True)) == {
         "SRPT00002": "B",
         "SRPT00003": "C",
@@ -199,7 +201,7 @@ def test_odd_matrix_encodings(tmp_path, bgee_sources, kind):
     mi.reformat(src, path, **opts)
     reports = _run([path], tmp_path / "atlas")
     assert [r.status for r in reports] == ["converted"], reports[0].message
-    store = tmp_path / "atlas" / "Homo_sapiens" / f"{exp}.zarr"
+    store = mi.store_path(tmp_path / "atlas", "Homo_sapiens", exp)
     stored = mi.check_store(store, path, layout="doc", experiment_id=exp)
     assert stored.X.dtype == (np.float64 if kind == "float64" else np.float32)
 
@@ -214,7 +216,7 @@ def test_non_integer_values_preserved(tmp_path, dtype):
     reports = _run([path], tmp_path / "atlas")
     assert reports[0].status == "converted", reports[0].message
     stored = mi.check_store(
-        tmp_path / "atlas" / "Homo_sapiens" / "SRPT91002.zarr", path, layout="doc", experiment_id="SRPT91002"
+        mi.store_path(tmp_path / "atlas", "Homo_sapiens", "SRPT91002"), path, layout="doc", experiment_id="SRPT91002"
     )
     assert stored.X.dtype == dtype
     assert dtype(1 / 3) in set(stored.X.data.tolist())
@@ -234,14 +236,14 @@ def test_cpm_in_x_bug_uses_raw_counts(tmp_path, fmt):
     assert r.cpm_in_x is True
     assert "CPM" in r.message and "abundance" in r.message
     assert "CPM" in r.line()
-    store = tmp_path / "atlas" / "Mus_musculus" / "SRPT91003.zarr"
+    store = mi.store_path(tmp_path / "atlas", "Mus_musculus", "SRPT91003")
     stored = mi.check_store(store, path, layout="B", experiment_id="SRPT91003", counts="layers/abundance")
     order = stored.obs["source_row"].to_numpy()
     np.testing.assert_array_equal(stored.X.toarray(), raw.toarray()[order])
     attrs = zarr.open_group(store, mode="r").attrs["bgee_dask"]
     assert attrs["cpm_in_x"] is True and attrs["provenance"]["cpm_in_x"] is True
     assert attrs["provenance"]["counts_source"] == "layers/abundance"
-    e = pd.read_parquet(tmp_path / "atlas" / "catalog" / "experiments.parquet")
+    e = pd.read_parquet(mi.catalog_table(tmp_path / "atlas", "experiments.parquet"))
     assert bool(e["cpm_in_x"].iloc[0]) is True
 
 
@@ -254,7 +256,7 @@ def test_missing_canonical_columns_are_missing_values(tmp_path):
     reports = _run([path, other], tmp_path / "atlas")
     assert [r.status for r in reports] == ["converted", "converted"], [r.message for r in reports]
     stored = mi.check_store(
-        tmp_path / "atlas" / "Homo_sapiens" / "SRPT91009.zarr", path, layout="doc", experiment_id="SRPT91009"
+        mi.store_path(tmp_path / "atlas", "Homo_sapiens", "SRPT91009"), path, layout="doc", experiment_id="SRPT91009"
     )
     for col in ("stageId", "stageName", "sex", "strain", "SampleId"):
         assert stored.obs[col].isna().all(), col
@@ -274,8 +276,10 @@ def test_empty_matrix_edge_cases_and_unsafe_ids(tmp_path):
     assert by[all_zero.name].status == "converted", by[all_zero.name].message
     assert by["evil.h5ad"].status == "failed" and "not usable" in by["evil.h5ad"].message
     assert not (tmp_path / "evil").exists() and not (atlas.parent / "evil.zarr").exists()
+    assert not (atlas.parent / "evil").exists() and not list(atlas.rglob("*evil*"))
+    assert sorted(mi.version_folders(atlas)) == ["Homo_sapiens/SRPT91012", "Homo_sapiens/SRPT91013"]
     for path, exp in ((no_cells, "SRPT91012"), (all_zero, "SRPT91013")):
-        stored = mi.check_store(atlas / "Homo_sapiens" / f"{exp}.zarr", path, layout="doc", experiment_id=exp)
+        stored = mi.check_store(mi.store_path(atlas, "Homo_sapiens", exp), path, layout="doc", experiment_id=exp)
         assert stored.X.nnz == 0
     assert sorted(open_catalog(atlas).experiments["experimentId"]) == ["SRPT91012", "SRPT91013"]
 
@@ -285,7 +289,9 @@ def test_b_layout_with_cpm_layer_keeps_x(tmp_path):
     path, _ = mi.b_layout(tmp_path / mi.bgee_name("SRPT91004"), exp="SRPT91004")
     reports = _run([path], tmp_path / "atlas")
     assert reports[0].status == "converted" and reports[0].cpm_in_x is False
-    mi.check_store(tmp_path / "atlas" / "Homo_sapiens" / "SRPT91004.zarr", path, layout="B", experiment_id="SRPT91004")
+    mi.check_store(
+        mi.store_path(tmp_path / "atlas", "Homo_sapiens", "SRPT91004"), path, layout="B", experiment_id="SRPT91004"
+    )
 
 
 def test_empty_cells_are_kept(tmp_path):
@@ -300,7 +306,7 @@ def test_empty_cells_are_kept(tmp_path):
     reports = _run([path], tmp_path / "atlas")
     assert reports[0].status == "converted", reports[0].message
     stored = mi.check_store(
-        tmp_path / "atlas" / "Homo_sapiens" / "SRPT91005.zarr", path, layout="B", experiment_id="SRPT91005"
+        mi.store_path(tmp_path / "atlas", "Homo_sapiens", "SRPT91005"), path, layout="B", experiment_id="SRPT91005"
     )
     empty = set(stored.obs_names[stored.obs["n_genes"].to_numpy() == 0])
     assert {a.obs_names[0], a.obs_names[33], a.obs_names[-1]} <= empty
@@ -315,15 +321,15 @@ def test_experiment_id_from_obs_option_or_error(tmp_path):
     assert by["my_download.h5ad"].status == "converted"
     assert by["my_download.h5ad"].experiment_id == "SRPT91006"
     assert by["my_download.h5ad"].species == "Homo_sapiens"  # from speciesId 9606
-    mi.check_store(atlas / "Homo_sapiens" / "SRPT91006.zarr", named, layout="B", experiment_id="SRPT91006")
+    mi.check_store(mi.store_path(atlas, "Homo_sapiens", "SRPT91006"), named, layout="B", experiment_id="SRPT91006")
     bad = by["other_file.h5ad"]
     assert bad.status == "failed"
     assert str(unnamed) in bad.message and "experiment id" in bad.message and "\n" not in bad.message
     # the option names the experiment
     r2 = _run([unnamed], atlas, experiment_id="SRPT91007")
     assert r2[0].status == "converted", r2[0].message
-    mi.check_store(atlas / "Homo_sapiens" / "SRPT91007.zarr", unnamed, layout="B", experiment_id="SRPT91007")
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    mi.check_store(mi.store_path(atlas, "Homo_sapiens", "SRPT91007"), unnamed, layout="B", experiment_id="SRPT91007")
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert sorted(e["experimentId"]) == ["SRPT91006", "SRPT91007"]
 
 
@@ -387,17 +393,23 @@ def test_bad_inputs_fail_cleanly_and_others_convert(tmp_path, bgee_sources):
         assert word.lower() in r.message.lower(), f"{kind}: {r.message}"
         assert "Traceback" not in r.message
         assert r.line().startswith("FAILED") and "\n" not in r.line()
-        assert not (atlas / "Homo_sapiens" / f"{exp}.zarr").exists(), kind
+        assert not (atlas / "experiments" / "Homo_sapiens" / exp).exists(), kind
+        assert not (atlas / "catalog" / "fragments" / "Homo_sapiens" / f"{exp}.json").exists(), kind
         assert not list(atlas.rglob(f"*{exp}*")), f"{kind}: leftovers {list(atlas.rglob(f'*{exp}*'))}"
     for path in good:
         assert by[path.name].status == "converted", by[path.name].message
-    files = _atlas_files(atlas)
-    assert not [f for f in files if ".partial-" in f or ".old-" in f or ".tmp-" in f]
-    fragments = sorted(p.name for p in (atlas / "catalog" / "fragments").glob("*.json"))
-    assert fragments == ["Homo_sapiens__SRPT00004.json", "Mus_musculus__SRPT00007.json"]
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    mi.assert_no_debris(atlas)
+    assert sorted(mi.version_folders(atlas)) == ["Homo_sapiens/SRPT00004", "Mus_musculus/SRPT00007"]
+    assert check_atlas(AtlasLocation(atlas)).clean
+    fragments = sorted(
+        str(p.relative_to(atlas / "catalog" / "fragments")) for p in atlas.glob("catalog/fragments/**/*.json")
+    )
+    assert fragments == ["Homo_sapiens/SRPT00004.json", "Mus_musculus/SRPT00007.json"]
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert sorted(e["experimentId"]) == ["SRPT00004", "SRPT00007"]
-    stored = mi.check_store(atlas / "Mus_musculus" / "SRPT00007.zarr", good[1], layout="doc", experiment_id="SRPT00007")
+    stored = mi.check_store(
+        mi.store_path(atlas, "Mus_musculus", "SRPT00007"), good[1], layout="doc", experiment_id="SRPT00007"
+    )
     mi.check_catalog(atlas, stored, species="Mus_musculus", experiment_id="SRPT00007", layout="doc")
 
 
@@ -430,15 +442,18 @@ def test_two_sources_same_experiment(tmp_path, bgee_sources):
     again = _run([variant], atlas)[0]
     assert again.status == "failed"
     assert str(variant) in again.message and primary.name in again.message
-    stored = mi.check_store(atlas / "Homo_sapiens" / "SRPT00003.zarr", primary, layout="doc", experiment_id="SRPT00003")
+    first_store = mi.store_path(atlas, "Homo_sapiens", "SRPT00003")
+    stored = mi.check_store(first_store, primary, layout="doc", experiment_id="SRPT00003")
     mi.check_catalog(atlas, stored, species="Homo_sapiens", experiment_id="SRPT00003", layout="doc")
     # overwrite=True replaces it
     replaced = _run([variant], atlas, overwrite=True)[0]
     assert replaced.status == "converted", replaced.message
-    stored = mi.check_store(atlas / "Homo_sapiens" / "SRPT00003.zarr", variant, layout="C", experiment_id="SRPT00003")
+    store = mi.store_path(atlas, "Homo_sapiens", "SRPT00003")
+    assert store != first_store and not first_store.parent.exists()  # a new version; the replaced one removed
+    stored = mi.check_store(store, variant, layout="C", experiment_id="SRPT00003")
     row = mi.check_catalog(atlas, stored, species="Homo_sapiens", experiment_id="SRPT00003", layout="C")
     assert row["source_name"] == variant.name
-    assert not [f for f in _atlas_files(atlas) if ".partial-" in f or ".old-" in f]
+    mi.assert_no_debris(atlas)
 
 
 def test_two_sources_same_experiment_overwrite_in_one_call(tmp_path, bgee_sources):
@@ -451,7 +466,9 @@ def test_two_sources_same_experiment_overwrite_in_one_call(tmp_path, bgee_source
     loser = next(r for r in reports if r.status == "skipped")
     assert winner.source in loser.message
     layout = "D" if winner.source == str(variant) else "doc"
-    mi.check_store(atlas / "Mus_musculus" / "SRPT00005.zarr", winner.source, layout=layout, experiment_id="SRPT00005")
+    mi.check_store(
+        mi.store_path(atlas, "Mus_musculus", "SRPT00005"), winner.source, layout=layout, experiment_id="SRPT00005"
+    )
 
 
 def test_rerun_skips_overwrite_reconverts_and_second_call_adds(tmp_path, bgee_sources):
@@ -460,7 +477,7 @@ def test_rerun_skips_overwrite_reconverts_and_second_call_adds(tmp_path, bgee_so
     assert [r.status for r in _run(first, atlas)] == ["converted", "converted"]
     shards = {exp: _shard(atlas, SPECIES[exp], exp) for exp in ("SRPT00004", "SRPT00007")}
     before = {exp: p.stat().st_mtime_ns for exp, p in shards.items()}
-    attrs_before = zarr.open_group(atlas / "Homo_sapiens" / "SRPT00004.zarr", mode="r").attrs["bgee_dask"]
+    attrs_before = zarr.open_group(mi.store_path(atlas, "Homo_sapiens", "SRPT00004"), mode="r").attrs["bgee_dask"]
     time.sleep(0.05)
 
     again = _run(first, atlas)
@@ -472,27 +489,37 @@ def test_rerun_skips_overwrite_reconverts_and_second_call_adds(tmp_path, bgee_so
     added = _run([bgee_sources["SRPT00005"], *first], atlas)
     assert sorted(r.status for r in added) == ["converted", "skipped", "skipped"]
     assert {exp: p.stat().st_mtime_ns for exp, p in shards.items()} == before
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert sorted(e["experimentId"]) == ["SRPT00004", "SRPT00005", "SRPT00007"]
     assert json.loads((atlas / "catalog" / "atlas.json").read_text())["n_experiments"] == 3
     assert len(open_catalog(atlas).experiments) == 3
     stored = mi.check_store(
-        atlas / "Mus_musculus" / "SRPT00005.zarr", bgee_sources["SRPT00005"], layout="doc", experiment_id="SRPT00005"
+        mi.store_path(atlas, "Mus_musculus", "SRPT00005"),
+        bgee_sources["SRPT00005"],
+        layout="doc",
+        experiment_id="SRPT00005",
     )
     mi.check_catalog(atlas, stored, species="Mus_musculus", experiment_id="SRPT00005", layout="doc")
 
-    # overwrite reconverts
+    # overwrite reconverts, into a new version of SRPT00004 (the replaced version is removed)
     time.sleep(0.05)
     over = _run([bgee_sources["SRPT00004"]], atlas, overwrite=True)
     assert over[0].status == "converted", over[0].message
-    assert shards["SRPT00004"].stat().st_mtime_ns != before["SRPT00004"]
+    new_shard = _shard(atlas, "Homo_sapiens", "SRPT00004")
+    assert new_shard != shards["SRPT00004"] and not shards["SRPT00004"].exists()
+    assert new_shard.stat().st_mtime_ns != before["SRPT00004"]
+    assert _shard(atlas, "Mus_musculus", "SRPT00007") == shards["SRPT00007"]
     assert shards["SRPT00007"].stat().st_mtime_ns == before["SRPT00007"]
-    attrs_after = zarr.open_group(atlas / "Homo_sapiens" / "SRPT00004.zarr", mode="r").attrs["bgee_dask"]
+    mi.assert_no_debris(atlas)
+    attrs_after = zarr.open_group(mi.store_path(atlas, "Homo_sapiens", "SRPT00004"), mode="r").attrs["bgee_dask"]
     assert attrs_after["provenance"]["source_sha256"] == attrs_before["provenance"]["source_sha256"]
     mi.check_store(
-        atlas / "Homo_sapiens" / "SRPT00004.zarr", bgee_sources["SRPT00004"], layout="doc", experiment_id="SRPT00004"
+        mi.store_path(atlas, "Homo_sapiens", "SRPT00004"),
+        bgee_sources["SRPT00004"],
+        layout="doc",
+        experiment_id="SRPT00004",
     )
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert sorted(e["experimentId"]) == ["SRPT00004", "SRPT00005", "SRPT00007"]
 
 
@@ -504,12 +531,16 @@ def test_failed_reconversion_keeps_the_previous_experiment(tmp_path, overwrite):
     good.write_bytes(path.read_bytes())
     atlas = tmp_path / "atlas"
     assert _run([path], atlas)[0].status == "converted"
+    version = mi.record(atlas, "Homo_sapiens", "SRPT91011")["version"]
     mi.bad_value(path, np.nan)  # seen only while streaming, after the store was started
     r = _run([path], atlas, overwrite=overwrite)[0]
     assert r.status == "failed" and "NaN" in r.message
     assert sorted(open_catalog(atlas).experiments["experimentId"]) == ["SRPT91011"]
-    assert not [f for f in _atlas_files(atlas) if ".partial-" in f or ".old-" in f]
-    stored = ad.read_zarr(atlas / "Homo_sapiens" / "SRPT91011.zarr")
+    assert mi.record(atlas, "Homo_sapiens", "SRPT91011")["version"] == version
+    assert mi.version_folders(atlas) == {"Homo_sapiens/SRPT91011": [version]}
+    mi.assert_no_debris(atlas)
+    assert check_atlas(AtlasLocation(atlas)).clean
+    stored = ad.read_zarr(mi.store_path(atlas, "Homo_sapiens", "SRPT91011"))
     want = mi.expected_counts(ad.read_h5ad(good))[stored.obs["source_row"].to_numpy()]
     assert (want != stored.X).nnz == 0
 
@@ -523,7 +554,7 @@ def test_changed_source_with_same_name_is_reconverted(tmp_path, bgee_sources):
     mi.write(a, path)
     r = _run([path], atlas)[0]
     assert r.status == "converted", r.message
-    mi.check_store(atlas / "Homo_sapiens" / "SRPT91008.zarr", path, layout="doc", experiment_id="SRPT91008")
+    mi.check_store(mi.store_path(atlas, "Homo_sapiens", "SRPT91008"), path, layout="doc", experiment_id="SRPT91008")
 
 
 _KILL_SCRIPT = """
@@ -543,12 +574,12 @@ def test_killed_conversion_leaves_nothing_and_resumes(tmp_path, bgee_sources):
     proc = subprocess.Popen(
         [sys.executable, str(script), str(big), str(atlas)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    parent = atlas / "Homo_sapiens"
+    parent = atlas / "experiments" / "Homo_sapiens" / exp
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(p.name.startswith(f"{exp}.zarr.partial-") for p in parent.iterdir()):
-                break
+            if parent.is_dir() and any((p / "cells.zarr").exists() for p in parent.iterdir()):
+                break  # its version folder is being written
             time.sleep(0.005)
         time.sleep(0.1)
         assert proc.poll() is None, "conversion finished before it could be killed; make the input larger"
@@ -559,14 +590,21 @@ def test_killed_conversion_leaves_nothing_and_resumes(tmp_path, bgee_sources):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (parent / f"{exp}.zarr").exists()
-    assert not list((atlas / "catalog" / "fragments").glob(f"*{exp}*"))
+    # the killed version is debris nothing refers to: no record, not in the catalog, reported as an orphan
+    killed = sorted(p.name for p in parent.iterdir())
+    assert len(killed) == 1, killed
+    assert not list((atlas / "catalog" / "fragments").rglob(f"*{exp}*"))
+    assert exp not in json.dumps(mi.header(atlas))
+    report = check_atlas(AtlasLocation(atlas))
+    assert [(f.kind, f.path) for f in report.findings] == [("orphan", f"experiments/Homo_sapiens/{exp}/{killed[0]}")]
     consolidate(AtlasLocation(atlas))
     assert list(open_catalog(atlas).experiments["experimentId"]) == ["SRPT00004"]
     # the next run converts it properly and clears the leftovers
     r = _run([big, bgee_sources["SRPT00004"]], atlas)
     assert sorted(x.status for x in r) == ["converted", "skipped"], [x.message for x in r]
-    assert not [f for f in _atlas_files(atlas) if ".partial-" in f]
-    stored = mi.check_store(parent / f"{exp}.zarr", big, layout="doc", experiment_id=exp)
+    mi.assert_no_debris(atlas)
+    assert check_atlas(AtlasLocation(atlas)).clean
+    assert not (parent / killed[0]).exists()
+    stored = mi.check_store(mi.store_path(atlas, "Homo_sapiens", exp), big, layout="doc", experiment_id=exp)
     mi.check_catalog(atlas, stored, species="Homo_sapiens", experiment_id=exp, layout="doc")
     assert sorted(open_catalog(atlas).experiments["experimentId"]) == ["SRPT00004", exp]
