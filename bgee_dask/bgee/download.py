@@ -182,7 +182,7 @@ def fetch_and_convert(
 ) -> FileOutcome:
     """A worker's task: fetch one experiment, then convert it into the atlas at ``loc`` if given.
 
-    The catalog is consolidated once by the caller after every task has ended.
+    The caller ends with the converter's own last step once every task has ended (see ``_publish``).
     """
     outcome = fetch_one(job, policy)
     outcome.worker = _worker_address()
@@ -332,37 +332,45 @@ def run_download(
 
     if client is not None:
         _on_cluster(client, todo, policy, loc, gene_index, progress, done)
+        if loc is not None:
+            _publish(client, loc, result, gene_index)
     else:
         _here(todo, policy, loc, gene_index, progress, max(1, jobs), done)
-    if loc is not None and todo:
-        from ..atlas.catalog import consolidate
-
-        consolidate(loc)
     return result
 
 
+def _convert_here(path: str, loc: AtlasLocation, gene_index: bool) -> ConversionReport:
+    """One file through the converter's public entry point, in this process; the atlas lists it on return."""
+    from ..atlas.convert import convert
+
+    (report,) = convert(
+        path, loc.url, storage_options=loc.storage_options, workers=1, progress=False, gene_index=gene_index
+    )
+    return report
+
+
 def _here(todo, policy, loc, gene_index, progress, jobs, done) -> None:
-    """Fetch on ``jobs`` threads; convert each file in this thread as it arrives."""
+    """Fetch on ``jobs`` threads; convert each file in this thread as it arrives, while the others keep coming.
+
+    If this thread is interrupted (Ctrl-C), the transfers under way stop at their next chunk and
+    keep their parts for the next run, instead of running to their end.
+    """
     if not todo:
         return
-    with _byte_bar(progress) as (on_size, on_bytes), ThreadPoolExecutor(jobs, thread_name_prefix="bgee-fetch") as pool:
+    stop = threading.Event()
+    with _byte_bar(progress, stop) as (on_size, on_bytes), ThreadPoolExecutor(jobs, thread_name_prefix="bgee") as pool:
         futures = [pool.submit(fetch_one, job, policy, on_size, on_bytes) for job in todo]
         try:
             for fut in as_completed(futures):
                 outcome = fut.result()
                 if loc is not None and outcome.ok:
-                    from ..atlas.convert import convert_file
-
-                    outcome.conversion = convert_file(outcome.job.dest, loc, gene_index=gene_index)
+                    outcome.conversion = _convert_here(outcome.job.dest, loc, gene_index)
                 done(outcome)
         except BaseException:
+            stop.set()
             for fut in futures:
                 fut.cancel()
             raise
-    if loc is not None:
-        from ..store.scratch import release_scratch
-
-        release_scratch()  # the conversions' working arrays: nothing more is coming
 
 
 def _on_cluster(client, todo, policy, loc, gene_index, progress, done) -> None:
@@ -390,9 +398,34 @@ def _on_cluster(client, todo, policy, loc, gene_index, progress, done) -> None:
             bar.update(1)
 
 
+def _publish(client: Any, loc: AtlasLocation, result: DownloadResult, gene_index: bool) -> None:
+    """The converter's own last step over what the workers converted, on the same workers.
+
+    ``convert`` finds each file's experiment in the atlas with the same sha256 (so nothing is
+    written again) and then brings the catalog up to date, as a conversion on a cluster ends.
+    """
+    paths = [o.job.dest for o in result.outcomes if o.conversion is not None and o.conversion.ok]
+    if not paths:
+        return
+    from ..atlas.convert import convert
+
+    for report in convert(
+        paths, loc.url, storage_options=loc.storage_options, client=client, progress=False, gene_index=gene_index
+    ):
+        if report.status == "failed":
+            result.failures.append(f"conversion failed: {report.message}")
+
+
+class _Stopped(Exception):
+    """Raised in a transfer's thread to end it early (the caller was interrupted)."""
+
+
 @contextlib.contextmanager
-def _byte_bar(progress: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """A bar of bytes received and their rate over all transfers; its total grows as sizes become known."""
+def _byte_bar(progress: bool, stop: threading.Event) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A bar of bytes received and their rate over all transfers; its total grows as sizes become known.
+
+    Its byte counter is called for every chunk, so it is also where a transfer learns to ``stop``.
+    """
     from tqdm.auto import tqdm
 
     lock = threading.Lock()
@@ -404,6 +437,8 @@ def _byte_bar(progress: bool) -> Iterator[tuple[Callable[[int], None], Callable[
                 bar.refresh()
 
         def on_bytes(n: int) -> None:
+            if stop.is_set():
+                raise _Stopped
             with lock:
                 bar.update(n)
 
