@@ -646,8 +646,8 @@ def test_consolidated_metadata_is_zarrs(tmp_path, bgee_sources, where):
     import uuid
 
     import bgee_dask as bd
+    from bgee_dask.atlas.commit import read_record
     from bgee_dask.atlas.location import AtlasLocation
-    from bgee_dask.store.layout import gene_index_relpath, store_relpath
 
     # the doc layout (categorical groups inside obs) and variant C (other column names)
     sources = [bgee_sources["SRPT00004"], bgee_sources["SRPT00003.C"]]
@@ -656,6 +656,9 @@ def test_consolidated_metadata_is_zarrs(tmp_path, bgee_sources, where):
     assert [r.status for r in reports] == ["converted", "converted"], [r.message for r in reports]
     loc = AtlasLocation(out)
     for r in reports:
-        rel = store_relpath(r.species, r.experiment_id)
-        for target in (rel, gene_index_relpath(rel)):
+        record = read_record(loc, r.species, r.experiment_id)  # the committed version's stores
+        version = f"experiments/{r.species}/{r.experiment_id}/{record['version']}"
+        assert (record["store"], record["gene_index"]) == (f"{version}/cells.zarr", f"{version}/genes.zarr")
+        assert r.store == record["store"]
+        for target in (record["store"], record["gene_index"]):
             assert_consolidated_like_zarr(loc.zarr_store(target))
