@@ -23,6 +23,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -241,8 +242,12 @@ def consolidate(loc: AtlasLocation) -> dict:
 
 
 # -- committing one experiment ------------------------------------------------------------------
-def commit_version(loc: AtlasLocation, record: dict) -> dict:
+def commit_version(loc: AtlasLocation, record: dict, on_committed: Callable[[], None] | None = None) -> dict:
     """Make ``record``'s version the experiment's current one, then remove the versions it replaces.
+
+    ``on_committed`` runs under the lock as soon as the version is visible: the writer releases
+    its lease there, so that a writer committing a newer version after it already sees this one
+    as replaceable (released any later, it would be left behind as an orphan).
 
     Returns the new header. Raises :class:`CatalogTypeError` if the share could not be consolidated
     (the record is then taken back, so the experiment stays as it was).
@@ -264,6 +269,8 @@ def commit_version(loc: AtlasLocation, record: dict) -> dict:
             header = consolidate_locked(loc)
             loc.remove(experiment_dir(species, experiment_id) + "/" + record["version"])
             raise CatalogTypeError(f"{key}: its catalog share could not be consolidated: {problem}")
+        if on_committed is not None:
+            on_committed()
         remove_replaced_versions(loc, species, experiment_id, keep={record["version"]})
         failpoint("committed")
     return header

@@ -236,8 +236,12 @@ def _convert_file(
                             bar.close()
             failpoint("store-written")
             record = _record(version, written, report, loc)
-            commit_version(loc, record)
-            version.committed = True
+
+            def committed() -> None:
+                version.committed = True
+                leased.close()  # the version is referenced now: no lease needed (see commit_version)
+
+            commit_version(loc, record, on_committed=committed)
         report.status = "converted"
         report.cpm_in_x = written.attrs["cpm_in_x"]
         report.n_cells, report.n_genes, report.nnz = written.n_cells, written.n_genes, written.nnz

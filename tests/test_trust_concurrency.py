@@ -1,0 +1,95 @@
+"""Several ``convert`` processes into one atlas at once: every experiment listed, every store exact.
+
+Each trial starts three conversion processes together, two of them converting the same file
+as well as their own. Afterwards every experiment a process reported converted or skipped is
+in the catalog, its per-gene sums equal numpy's over its source, ``check`` is clean and no
+debris is left. Locally (a file lock) and on the S3 test server (a conditional-write lease).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import bgee_dask as bd
+from bgee_dask.atlas.catalog import forget_cached_tables
+
+from . import make_inputs as mi
+from .trust_support import convert_in_child
+
+LOCAL_TRIALS = 3
+S3_TRIALS = 2
+
+
+def _reference(path) -> tuple[int, np.ndarray]:
+    a = ad.read_h5ad(path)
+    return a.n_obs, np.sort(np.asarray(sp.csr_matrix(a.X).sum(axis=0), dtype=np.float64).ravel())
+
+
+def _atlas_answers(atlas, storage_options=None) -> dict[str, tuple[int, np.ndarray]]:
+    """Per experiment: cells, and its measured genes' sums sorted (independent of how genes are keyed)."""
+    forget_cached_tables()
+    ds = bd.open_atlas(atlas, storage_options).query().aggregate(by="experimentId", stats=["sum"])
+    out = {}
+    for i, exp in enumerate(ds["experimentId"].values):
+        sums = ds["sum"].values[i]
+        out[str(exp)] = (int(ds["n_cells"].values[i]), np.sort(sums[~np.isnan(sums)]))
+    return out
+
+
+def _run_trial(atlas, groups, env=None, storage_options=None) -> None:
+    procs = [convert_in_child(atlas, files, env=env, wait=False) for files in groups]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out + err
+    reported = set()
+    for out, _ in outputs:
+        for line in out.splitlines():
+            status, source = line.split()[:2]
+            assert status in ("converted", "skipped"), line
+            reported.add(source)
+    answers = _atlas_answers(atlas, storage_options)
+    for source in reported:
+        exp = source.rsplit("/", 1)[1].split("_")[2]
+        assert exp in answers, f"{exp} reported {source} but is not in the catalog"
+        n_cells, sums = _reference(source)
+        assert answers[exp][0] == n_cells, exp
+        np.testing.assert_array_equal(answers[exp][1], sums, err_msg=exp)
+    report = bd.check(atlas, storage_options=storage_options)
+    assert report.clean, [f.line() for f in report.findings]
+
+
+@pytest.mark.parametrize("trial", range(LOCAL_TRIALS))
+def test_concurrent_converts_local(tmp_path, bgee_sources, trial):
+    s = {k: str(v) for k, v in bgee_sources.items()}
+    groups = [
+        [s["SRPT00001"], s["SRPT00004"]],
+        [s["SRPT00005"], s["SRPT00006"], s["SRPT00004"]],  # SRPT00004 twice at once
+        [s["SRPT00003"], s["SRPT00007"], s["SRPT00002"]],
+    ]
+    atlas = tmp_path / "atlas"
+    _run_trial(atlas, groups)
+    mi.assert_no_debris(atlas)
+    assert len(mi.header(atlas)["experiments"]) == 7
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("trial", range(S3_TRIALS))
+def test_concurrent_converts_s3(s3_server, s3_bucket, bgee_sources, trial):
+    s = {k: str(v) for k, v in bgee_sources.items()}
+    groups = [[s["SRPT00003"], s["SRPT00004"]], [s["SRPT00005"], s["SRPT00004"]], [s["SRPT00007"]]]
+    atlas = f"s3://{s3_bucket}/atlas-{trial}"
+    _run_trial(atlas, groups, env=s3_server.env(), storage_options=s3_server.storage_options())
+    fs = s3_server.filesystem()
+    header = bd.open_atlas(atlas, s3_server.storage_options()).catalog.header
+    assert sorted(header["experiments"]) == [
+        "Homo_sapiens/SRPT00003",
+        "Homo_sapiens/SRPT00004",
+        "Mus_musculus/SRPT00005",
+        "Mus_musculus/SRPT00007",
+    ]
+    versions = fs.ls(f"{s3_bucket}/atlas-{trial}/experiments/Homo_sapiens/SRPT00004", detail=False, refresh=True)
+    assert len(versions) == 1, versions  # the other writer's version of the same file is gone
+    assert not fs.exists(f"{s3_bucket}/atlas-{trial}/catalog/lock.json")
