@@ -8,7 +8,7 @@ list experiments the atlas does not hold; readers join them to the catalog on ``
 
 They are separate from the consolidated catalog tables on purpose: conversions never rewrite
 them, and writing them never touches what queries read. Each file is written whole and
-atomically (see :meth:`AtlasLocation.write_bytes`), the libraries first, and only when its
+atomically (see :meth:`AtlasLocation.write_bytes`) under the commit lock, the libraries first, and only when its
 content changed, so fetching the same release again leaves them as they were.
 """
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..schema import check_identifier
 from .location import AtlasLocation
+from .locks import commit_lock
 
 ANNOTATIONS = "catalog/annotations"
 EXPERIMENTS_SUFFIX = ".experiments.parquet"
@@ -69,8 +70,11 @@ def write_annotations(loc: AtlasLocation, species: str, experiments: pd.DataFram
             raise ValueError(f"{what} annotation of {species} has no {', '.join(missing)} column")
     experiments = experiments.reset_index(drop=True).assign(species=species)
     libraries = libraries.reset_index(drop=True).assign(species=species)
-    wrote_libraries = _write_if_changed(loc, libraries_relpath(species), libraries)
-    wrote_experiments = _write_if_changed(loc, experiments_relpath(species), experiments)
+    # under the commit lock, like every write under catalog/: a sweep may then take any
+    # temporary file it finds there for a killed writer's
+    with commit_lock(loc):
+        wrote_libraries = _write_if_changed(loc, libraries_relpath(species), libraries)
+        wrote_experiments = _write_if_changed(loc, experiments_relpath(species), experiments)
     return wrote_libraries or wrote_experiments
 
 

@@ -182,7 +182,7 @@ def fetch_and_convert(
 ) -> FileOutcome:
     """A worker's task: fetch one experiment, then convert it into the atlas at ``loc`` if given.
 
-    The caller ends with the converter's own last step once every task has ended (see ``_publish``).
+    ``convert_file`` commits the experiment to the catalog itself: nothing is left for the client.
     """
     outcome = fetch_one(job, policy)
     outcome.worker = _worker_address()
@@ -332,8 +332,6 @@ def run_download(
 
     if client is not None:
         _on_cluster(client, todo, policy, loc, gene_index, progress, done)
-        if loc is not None:
-            _publish(client, loc, result, gene_index)
     else:
         _here(todo, policy, loc, gene_index, progress, max(1, jobs), done)
     return result
@@ -396,24 +394,6 @@ def _on_cluster(client, todo, policy, loc, gene_index, progress, done) -> None:
         for fut in completed(futures):
             done(fut.result())
             bar.update(1)
-
-
-def _publish(client: Any, loc: AtlasLocation, result: DownloadResult, gene_index: bool) -> None:
-    """The converter's own last step over what the workers converted, on the same workers.
-
-    ``convert`` finds each file's experiment in the atlas with the same sha256 (so nothing is
-    written again) and then brings the catalog up to date, as a conversion on a cluster ends.
-    """
-    paths = [o.job.dest for o in result.outcomes if o.conversion is not None and o.conversion.ok]
-    if not paths:
-        return
-    from ..atlas.convert import convert
-
-    for report in convert(
-        paths, loc.url, storage_options=loc.storage_options, client=client, progress=False, gene_index=gene_index
-    ):
-        if report.status == "failed":
-            result.failures.append(f"conversion failed: {report.message}")
 
 
 class _Stopped(Exception):
