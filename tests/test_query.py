@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 import bgee_dask as bd
 
+from . import make_inputs as mi
 from .test_s3 import gene_column
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bgee"
@@ -289,7 +290,10 @@ def test_filter_operators_select_the_reference_cells(atlas, reference, flt, fn):
 def test_atlas_without_gene_index_scans_blocks(tmp_path, sources):
     reports = bd.convert(sources[2:4], tmp_path / "a", workers=1, progress=False, gene_index=False)
     assert all(r.status == "converted" for r in reports)
-    assert not list((tmp_path / "a").glob("*/*.by_gene.zarr"))
+    for r in reports:  # no gene-major copy recorded, nor written
+        record = mi.record(tmp_path / "a", r.species, r.experiment_id)
+        assert record["gene_index"] is None and (tmp_path / "a" / record["store"]).is_dir()
+    assert not list((tmp_path / "a").rglob("genes.zarr")) and not list((tmp_path / "a").rglob("*by_gene*"))
     atlas = bd.open_atlas(tmp_path / "a")
     source = ad.read_h5ad(sources[3])  # symbol-named, and no id-named file in this atlas: keyed by symbol
     genes = list(source.var_names[:5])
@@ -433,20 +437,31 @@ def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
     import shutil
 
     from bgee_dask.atlas import catalog as catalog_mod
+    from bgee_dask.atlas.commit import consolidate
     from bgee_dask.atlas.location import AtlasLocation
 
     root = tmp_path / "atlas"
     shutil.copytree(atlas.catalog.location.path(), root)
     loc = AtlasLocation(root)
-    lookup_file = root / catalog_mod.GENE_LOOKUP
-    assert lookup_file.is_file()
+
+    def current(name: str) -> str:  # a table of the tables folder the header names now
+        return f"{mi.header(root)['tables']}/{name}"
+
+    lookup_rel = current(catalog_mod.GENE_LOOKUP_FILE)
+    assert (root / lookup_rel).is_file()
     want = bd.open_atlas(root).query("speciesId == 9606").plan
 
     read: list[str] = []
     real_read_bytes = AtlasLocation.read_bytes
     real_read_buffer = AtlasLocation.read_buffer
+    real_read_arrow = AtlasLocation.read_arrow
     monkeypatch.setattr(AtlasLocation, "read_bytes", lambda self, rel: read.append(rel) or real_read_bytes(self, rel))
     monkeypatch.setattr(AtlasLocation, "read_buffer", lambda self, rel: read.append(rel) or real_read_buffer(self, rel))
+    monkeypatch.setattr(
+        AtlasLocation,
+        "read_arrow",
+        lambda self, rel, columns=None: read.append(rel) or real_read_arrow(self, rel, columns),
+    )
 
     def plan_after(change) -> object:
         change()
@@ -462,36 +477,47 @@ def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
         np.testing.assert_array_equal(plan.measured, want.measured)
 
     same(plan_after(lambda: None))
-    assert catalog_mod.GENE_LOOKUP in read and catalog_mod.GENES not in read
-    stale = lookup_file.read_bytes()
-    catalog_mod.consolidate(loc)  # a new catalog_id ...
-    same(plan_after(lambda: lookup_file.write_bytes(stale)))  # ... and the previous lookup file
-    assert catalog_mod.GENES in read
-    same(plan_after(lookup_file.unlink))  # an atlas consolidated before the file existed
-    assert catalog_mod.GENES in read
+    assert lookup_rel in read and current(catalog_mod.GENES_TABLE_FILE) not in read
+    stale = (root / lookup_rel).read_bytes()
+    consolidate(loc)  # a new catalog_id, in a new tables folder ...
+    new_lookup = root / current(catalog_mod.GENE_LOOKUP_FILE)
+    assert current(catalog_mod.GENE_LOOKUP_FILE) != lookup_rel and new_lookup.is_file()
+    same(plan_after(lambda: new_lookup.write_bytes(stale)))  # ... holding the previous commit's lookup file
+    assert current(catalog_mod.GENES_TABLE_FILE) in read
+    same(plan_after(new_lookup.unlink))  # a tables folder without the file
+    assert current(catalog_mod.GENES_TABLE_FILE) in read
 
 
-def test_a_catalog_written_before_gene_keys_still_plans_by_gene_id(tmp_path, atlas):
-    """Catalog 1.0: no gene_key, no lookup file; genes are matched by their var_names, as that version did."""
+def test_a_catalog_1x_atlas_is_refused_with_a_rebuild_hint(tmp_path, atlas):
+    """Catalog 1.x (tables in place, no gene keys) is no longer read: one line telling to rebuild the atlas.
+
+    A genes table without ``gene_key`` still gives a gene lookup keyed by gene id (var_names), as 1.0 matched them.
+    """
     import json
     import shutil
+
+    import pyarrow.parquet as pq
 
     from bgee_dask.atlas import catalog as catalog_mod
 
     root = tmp_path / "atlas"
     shutil.copytree(atlas.catalog.location.path(), root)
-    genes = pd.read_parquet(root / catalog_mod.GENES).drop(columns="gene_key")
-    genes.to_parquet(root / catalog_mod.GENES)
-    (root / catalog_mod.GENE_LOOKUP).unlink()
-    header = json.loads((root / catalog_mod.HEADER).read_text())
-    (root / catalog_mod.HEADER).write_text(json.dumps({**header, "format_version": "1.0", "catalog_id": "old"}))
+    header = mi.header(root)
+    genes = pq.read_table(root / header["tables"] / catalog_mod.GENES_TABLE_FILE).drop_columns(["gene_key"])
+    (root / "catalog" / "atlas.json").write_text(json.dumps({**header, "format_version": "1.0"}))
     catalog_mod.forget_cached_tables()
-    old = bd.open_atlas(root)
-    human = old.experiments.loc[old.experiments["species"] == "Homo_sapiens", "experiment"]
-    plan = old.query("speciesId == 9606").plan
-    want = sorted(genes.loc[genes["experiment"].isin(human), "gene_id"].astype(str).unique())
-    assert list(plan.gene_ids) == want
-    assert "MALAT1" in want and "ENSG00000251562" in want  # two columns for one gene, as before
+    with pytest.raises(catalog_mod.CatalogError) as refused:
+        bd.open_atlas(root)
+    message = str(refused.value)
+    assert "\n" not in message and "1.0" in message and "rebuild" in message and "convert" in message, message
+
+    lookup = catalog_mod.GeneLookup.from_arrow(genes)
+    frame = genes.to_pandas()
+    human = atlas.experiments.loc[atlas.experiments["species"] == "Homo_sapiens", "experiment"]
+    want = sorted(frame.loc[frame["experiment"].astype(str).isin(human), "gene_id"].astype(str).unique())
+    got = sorted(set(lookup.ids[lookup.code[lookup.rows_of(list(human))]].astype(str)))
+    assert got == want
+    assert "MALAT1" in want and "ENSG00000251562" in want  # two columns for one gene, as 1.0 had them
 
 
 def test_query_preload_readies_workers_before_any_task():
@@ -585,7 +611,7 @@ def test_resolve_genes_by_id_and_symbol_among_queried_experiments():
     assert list(ids) == ["ENSG2"] and list(symbols) == ["BETA2"]  # only the queried experiments name it
     with pytest.raises(KeyError, match="ONLY_IN_E3"):  # known to the atlas, not to the queried experiments
         resolve_genes(catalog, e12, ["ONLY_IN_E3", "ENSG1"])
-    with pytest.raises(KeyError, match=r"\['ENSG5', 'NOPE'\]"):
+    with pytest.raises(KeyError, match=r"unknown gene\(s\) 'ENSG5'[^;]*; 'NOPE'.*not in any queried experiment"):
         resolve_genes(catalog, e12, ["ENSG5", "NOPE"])
     ids, symbols = resolve_genes(catalog, e12, None)  # all genes of the queried experiments
     assert list(ids) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4"]
