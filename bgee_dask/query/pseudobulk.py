@@ -16,6 +16,7 @@ aggregation into that matrix:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,12 @@ def pseudobulk(query: Query, by: Sequence[str] | str, *, min_cells: int = 10) ->
     # a gene is kept when every cell of every kept group belongs to an experiment that measured it
     measured_everywhere = (n_measured == n_cells[keep, None]).all(axis=0) & keep.any()
     genes = np.flatnonzero(measured_everywhere)
+    if keep.any() and not len(genes):
+        warnings.warn(
+            "pseudobulk: no gene was measured in every group's experiments (groups of several species?); "
+            "X has no column. Restrict the filter, e.g. to one species.",
+            stacklevel=2,
+        )
 
     sums = ds["sum"].values[np.ix_(keep, genes)]
     rounded = np.rint(sums)
@@ -89,7 +96,7 @@ def pseudobulk(query: Query, by: Sequence[str] | str, *, min_cells: int = 10) ->
         props = ds["n_expressed"].values[np.ix_(keep, genes)] / kept_cells[:, None]
 
     obs = _group_obs(query, ds, by, keys, keep)
-    obs[DECOUPLER_COUNTS] = x.sum(axis=1)
+    obs.insert(obs.columns.get_loc(DECOUPLER_CELLS) + 1, DECOUPLER_COUNTS, x.sum(axis=1))
 
     var = pd.DataFrame(index=pd.Index(np.asarray(ds["gene"].values[genes], dtype=str), name="gene_id"))
     symbols = ds["gene_symbol"].values[genes] if "gene_symbol" in ds.coords else np.full(len(genes), None)
