@@ -40,7 +40,7 @@ def _convert(capsys, *args) -> tuple[int, str, str]:
 
 
 def _experiments(atlas: Path) -> list[str]:
-    return sorted(pd.read_parquet(atlas / "catalog" / "experiments.parquet")["experimentId"])
+    return sorted(pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))["experimentId"])
 
 
 def test_help(capsys):
@@ -65,7 +65,10 @@ def test_convert_all_good_then_info(tmp_path, capsys, bgee_sources):
     assert "FAILED" not in err
     assert _experiments(atlas) == SMALL
     stored = mi.check_store(
-        atlas / "Mus_musculus" / "SRPT00007.zarr", bgee_sources["SRPT00007"], layout="doc", experiment_id="SRPT00007"
+        mi.store_path(atlas, "Mus_musculus", "SRPT00007"),
+        bgee_sources["SRPT00007"],
+        layout="doc",
+        experiment_id="SRPT00007",
     )
     mi.check_catalog(atlas, stored, species="Mus_musculus", experiment_id="SRPT00007", layout="doc")
 
@@ -133,19 +136,23 @@ def test_convert_partial_failure_folders_recursive_and_overwrite(tmp_path, capsy
     assert "2 converted, 0 skipped, 3 failed" in err
     assert _experiments(atlas) == ["SRPT00004", "SRPT00007"]
     assert not [p for p in atlas.rglob("*SRPT8200*")]
-    mi.check_store(atlas / "Homo_sapiens" / "SRPT00004.zarr", good[0], layout="doc", experiment_id="SRPT00004")
+    mi.assert_no_debris(atlas)
+    mi.check_store(mi.store_path(atlas, "Homo_sapiens", "SRPT00004"), good[0], layout="doc", experiment_id="SRPT00004")
 
     # a second run skips the converted files; the bad ones fail again
     code, out, err = _convert(capsys, *good, "--out", atlas)
     assert code == 0, err
     assert sum(line.startswith("skipped") for line in out.splitlines()) == 2
-    shard = atlas / "Homo_sapiens" / "SRPT00004.zarr" / "X" / "data" / "c" / "0"
+    shard = mi.store_path(atlas, "Homo_sapiens", "SRPT00004") / "X" / "data" / "c" / "0"
     before = shard.stat().st_mtime_ns
     code, out, err = _convert(capsys, good[0], "--out", atlas, "--overwrite")
     assert code == 0, err
     assert out.startswith("converted ")
-    assert shard.stat().st_mtime_ns != before
-    mi.check_store(atlas / "Homo_sapiens" / "SRPT00004.zarr", good[0], layout="doc", experiment_id="SRPT00004")
+    new_shard = mi.store_path(atlas, "Homo_sapiens", "SRPT00004") / "X" / "data" / "c" / "0"
+    assert new_shard != shard and not shard.exists()  # a new version; the replaced one removed
+    assert new_shard.stat().st_mtime_ns != before
+    mi.assert_no_debris(atlas)
+    mi.check_store(mi.store_path(atlas, "Homo_sapiens", "SRPT00004"), good[0], layout="doc", experiment_id="SRPT00004")
 
 
 def test_convert_same_experiment_twice_needs_overwrite(tmp_path, capsys, bgee_sources):
@@ -157,7 +164,7 @@ def test_convert_same_experiment_twice_needs_overwrite(tmp_path, capsys, bgee_so
     assert bgee_sources["SRPT00005"].name in line and str(bgee_sources["SRPT00005.D"]) in line
     code, _, err = _convert(capsys, bgee_sources["SRPT00005.D"], "--out", atlas, "--overwrite")
     assert code == 0, err
-    e = pd.read_parquet(atlas / "catalog" / "experiments.parquet")
+    e = pd.read_parquet(mi.catalog_table(atlas, "experiments.parquet"))
     assert e["layout"].tolist() == ["D"]
 
 
@@ -189,6 +196,7 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     code, _, err = _convert(capsys, tmp_path / "empty", "--out", tmp_path / "atlas")
     assert code == 2 and "no .h5ad files" in err
+    assert not (tmp_path / "atlas").exists()  # nothing converted: no atlas folder created
     with pytest.raises(SystemExit) as info:
         main(["convert", str(tmp_path)])  # --out missing
     assert info.value.code == 2
@@ -260,7 +268,7 @@ def test_convert_command_sets_numba_up_without_scipy_linalg(tmp_path):
         "print(json.dumps({'code': code, 'linalg': 'scipy.linalg' in sys.modules, 'blas': am._HAVE_BLAS}))\n"
     )
     assert got == {"code": 0, "linalg": False, "blas": False}
-    mi.check_store(out / "Homo_sapiens" / "SRPT00001.zarr", src, layout="doc", experiment_id="SRPT00001")
+    mi.check_store(mi.store_path(out, "Homo_sapiens", "SRPT00001"), src, layout="doc", experiment_id="SRPT00001")
 
 
 def test_numba_without_blas_leaves_linear_algebra_working():
@@ -292,7 +300,7 @@ def _two_sources(tmp_path, seeds: tuple[int, int]) -> dict[str, object]:
 
 def _check_stores(out, sources: dict[str, object]) -> None:
     for exp, src in sources.items():
-        mi.check_store(out / "Homo_sapiens" / f"{exp}.zarr", src, layout="doc", experiment_id=exp)
+        mi.check_store(mi.store_path(out, "Homo_sapiens", exp), src, layout="doc", experiment_id=exp)
 
 
 def test_kernels_are_loaded_before_the_first_file(tmp_path):
