@@ -119,6 +119,22 @@ def test_pseudobulk_by_cell_type_and_library_equals_numpy(human_atlas, human_ref
     assert symbols["ENSG00000177455"] == "CD19"
 
 
+def test_genes_keyed_by_ensembl_id_are_selected_by_symbol(human_atlas, human_reference):
+    """SRPT00001 names genes by Ensembl id (symbols in feature_name), SRPT00002/3 by symbol: one CD19 column,
+    found by ds.sel(gene_symbol=...) and carried as var["gene_symbol"] by to_anndata."""
+    q = human_atlas.query("cellTypeId == 'CL:0000236'", genes="CD19,MS4A1")
+    ds = q.aggregate(by="experimentId")
+    cd19 = ds.sel(gene_symbol="CD19")
+    assert str(cd19["gene"].values) == "ENSG00000177455"
+    for i, exp in enumerate(ds["experimentId"].values):
+        a = human_reference[exp]
+        rows = (a.obs["cellTypeId"] == "CL:0000236").to_numpy()
+        assert cd19["sum"].values[i] == a[rows, "ENSG00000177455"].X.sum()
+    adata = q.to_anndata()
+    assert list(adata.var["gene_symbol"]) == ["CD19", "MS4A1"]
+    assert adata.varm["measured"].to_numpy().all()
+
+
 def test_pseudobulk_across_experiments_keeps_only_genes_every_group_measured(human_atlas, human_reference):
     """B cells come from three experiments with different gene sets: only the genes all three measured stay,
     and constant columns are only those constant within every group (experimentId is not)."""

@@ -7,6 +7,7 @@ this module only prepares its input and explains its failures.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,27 @@ def unknown_genes_message(unknown: Sequence[str], vocabulary: Sequence[str]) -> 
     parts = [f"{g!r}" + (f" (did you mean {', '.join(hints[g])}?)" if hints.get(g) else "") for g in unknown[:20]]
     more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
     return f"unknown gene(s) {'; '.join(parts)}{more}: not in any queried experiment"
+
+
+#: Gene ids as the gene databases write them (Ensembl, FlyBase, WormBase), with an optional version.
+DATABASE_ID = re.compile(r"^(ENS[A-Z]*G\d{6,}|FBgn\d+|WBGene\d+)(\.\d+)?$")
+
+
+def gene_symbols(ids: Sequence[str], symbols: Sequence[str | None] | None) -> np.ndarray:
+    """A symbol per gene (None where unknown): the catalog's, else the gene's own name unless it is a database id.
+
+    Files that name genes by symbol give the catalog no separate symbol; where no other file of
+    the species maps that symbol to an id, the gene keeps the symbol as its name, and that name is
+    what a user looks it up by.
+    """
+    out = np.full(len(ids), None, dtype=object)
+    for i, gene in enumerate(ids):
+        known = symbols[i] if symbols is not None else None
+        if known is not None and known == known and str(known):
+            out[i] = str(known)
+        elif not DATABASE_ID.match(str(gene)):
+            out[i] = str(gene)
+    return out
 
 
 def with_symbol_index(ds: xr.Dataset) -> xr.Dataset:

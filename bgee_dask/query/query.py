@@ -17,7 +17,7 @@ from ..atlas.catalog import AtlasCatalog
 from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError, InputTypeError
 from . import blocks
 from .filter import Expr, parse_filter
-from .genes import measured_frame, parse_genes, with_symbol_index
+from .genes import gene_symbols, measured_frame, parse_genes, with_symbol_index
 from .names import add_name_coords
 from .plan import BlockTask, GeneTask, QueryPlan, check_columns, check_filter_types, make_plan, run_groups
 from .preload import prepare_worker_soon
@@ -178,8 +178,7 @@ class Query:
         obs.index = pd.Index(np.concatenate(name_parts) if name_parts else [], dtype=object).astype(str)
         x = _stack_csr([p[1:] for p in pieces], len(plan.gene_ids))
         var = pd.DataFrame(index=pd.Index(plan.gene_ids, name="gene_id"))
-        if plan.gene_symbols is not None:
-            var["gene_symbol"] = plan.gene_symbols
+        var["gene_symbol"] = pd.Categorical(gene_symbols(plan.gene_ids, plan.gene_symbols))
         adata = anndata.AnnData(X=x, obs=obs, var=var)
         # genes x experiments (not the transpose in uns): a column per experiment writes fast to h5ad
         adata.varm["measured"] = measured_frame(plan, var.index)
@@ -317,8 +316,7 @@ def _to_dataset(partial: Partial, plan: QueryPlan, by: list[str], stats: list[st
     )
     values = finalize(partial, plan.measured, stats)
     coords: dict[str, Any] = {"gene": ("gene", np.asarray(plan.gene_ids, dtype=object))}
-    if plan.gene_symbols is not None:
-        coords["gene_symbol"] = ("gene", plan.gene_symbols)
+    coords["gene_symbol"] = ("gene", gene_symbols(plan.gene_ids, plan.gene_symbols))
     for i, col in enumerate(by):
         coords[col] = ("group", np.asarray([k[i] for k in partial.keys], dtype=object))
     data_vars = {"n_cells": (("group",), values["n_cells"])}
