@@ -10,17 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-__all__ = ["Atlas", "BgeeInputError", "__version__", "convert", "open_atlas"]
+__all__ = ["Atlas", "BgeeInputError", "StorageAccessError", "__version__", "check", "convert", "open_atlas"]
 
 _LAZY = {
     "convert": ("bgee_dask.atlas.convert", "convert"),
     "open_atlas": ("bgee_dask.query.atlas", "open_atlas"),
     "Atlas": ("bgee_dask.query.atlas", "Atlas"),
     "BgeeInputError": ("bgee_dask.schema", "BgeeInputError"),
+    "StorageAccessError": ("bgee_dask.atlas.location", "StorageAccessError"),
+    "check": ("bgee_dask.atlas.check", "check"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .atlas.check import check
     from .atlas.convert import convert
+    from .atlas.location import StorageAccessError
     from .query.atlas import Atlas, open_atlas
     from .schema import BgeeInputError
 

@@ -12,12 +12,14 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ._runtime import start_numba_without_blas
 from ._version import __version__
+from .cancellation import Cancelled, check_cancelled, stop_on_signals
 from .query.preload import PRELOAD_MODULE
 
 EXIT_PARTIAL = 1
@@ -90,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the gene-major copy (smaller atlas, slower gene-slice queries)",
     )
     _add_cluster_options(p, default="Dask worker threads in this process, each file using every core")
+
+    p = sub.add_parser(
+        "check",
+        help="verify an atlas: every experiment's stores whole and as recorded; list debris, orphans, stale locks",
+    )
+    p.add_argument("atlas", metavar="ATLAS", help="atlas folder or URL (s3://bucket/prefix)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="commit what killed runs left uncommitted and remove debris and orphan versions, then check",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("info", help="list the experiments of an atlas")
     p.add_argument("atlas", metavar="ATLAS")
@@ -376,6 +390,10 @@ def _cmd_query(args: argparse.Namespace) -> int:
         return _cmd_query_pseudobulk(args)
     if args.min_cells is not None:
         raise ValueError("--min-cells applies to the pseudobulk, written with --out FILE.h5ad")
+    # where the results go is checked before anything is computed
+    _check_local_output(args.out, suffixes=(".csv", ".parquet", ".pq", ".nc"))
+    if args.plot:
+        _check_local_output(args.plot, suffixes=(".png", ".pdf", ".svg"))
     from .query.atlas import open_atlas
     from .query.export import write_result
 
@@ -651,7 +669,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, workers=args.workers)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .atlas.check import check_atlas
+    from .atlas.location import AtlasLocation
+
+    report = check_atlas(AtlasLocation(args.atlas), repair=args.repair)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        for line in report.repaired:
+            print(f"repaired: {line}")
+        for finding in report.findings:
+            print(finding.line())
+        state = "clean" if report.clean else f"{len(report.findings)} problem(s)"
+        print(f"{report.atlas}: {report.experiments} experiments checked, {state}")
+    return 0 if report.clean else EXIT_PARTIAL
+
+
 _COMMANDS = {
+    "check": _cmd_check,
     "convert": _cmd_convert,
     "info": _cmd_info,
     "query": _cmd_query,
@@ -670,10 +706,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("bgee-dask: interrupted", file=sys.stderr)
-        return 130
+        with stop_on_signals():
+            code = _COMMANDS[args.command](args)
+            check_cancelled()
+            return code
+    except (KeyboardInterrupt, Cancelled) as exc:
+        signum = getattr(exc, "signum", None) or signal.SIGINT
+        print(f"bgee-dask: interrupted by {signal.Signals(signum).name}; nothing half-written is left visible",
+              file=sys.stderr)
+        return 128 + int(signum)
     except (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, TimeoutError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"bgee-dask: error: {message}", file=sys.stderr)

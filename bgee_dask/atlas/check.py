@@ -50,7 +50,8 @@ class CheckReport:
 def _store_problem(loc: AtlasLocation, rel: str, shape: tuple[int, int], nnz: int, gene_major: bool) -> str | None:
     """Why the store at ``rel`` is not the complete store the catalog recorded, or None."""
     try:
-        group = zarr.open_group(loc.zarr_store(rel, read_only=True), mode="r")
+        # every node's own metadata, not the consolidated copy: that one would hide a missing node
+        group = zarr.open_group(loc.zarr_store(rel, read_only=True), mode="r", use_consolidated=False)
         attrs = dict(group.attrs).get(ATTRS_KEY) or {}
     except Exception as exc:
         if loc.storage_error(exc) is not None:
@@ -63,13 +64,21 @@ def _store_problem(loc: AtlasLocation, rel: str, shape: tuple[int, int], nnz: in
             return f"format {attrs.get('format')!r}, not {FORMAT_NAME}"
         if str(attrs.get("format_version", "")).split(".")[0] != FORMAT_VERSION.split(".")[0]:
             return f"format version {attrs.get('format_version')}, this bgee-dask reads {FORMAT_VERSION}"
+    prefix = "" if gene_major else "X/"
     try:
         x = group if gene_major else group["X"]
         found_shape = tuple(int(s) for s in (x.attrs["shape"] if "shape" in x.attrs else attrs["shape"]))
-        stored = int(x["data"].shape[0])
-        offsets = int(x["indptr"].shape[0])
+        arrays = {name: x[name] for name in ("data", "indices", "indptr")}
+        stored = int(arrays["data"].shape[0])
+        offsets = int(arrays["indptr"].shape[0])
     except Exception as exc:
         return f"arrays missing or unreadable ({type(exc).__name__}: {exc})"
+    for name, array in arrays.items():
+        per_object = (array.shards or array.chunks)[0]
+        expected = -(-int(array.shape[0]) // per_object)
+        found = len(loc.find(f"{rel}/{prefix}{name}/c"))
+        if found != expected:
+            return f"{prefix}{name}: {found} of its {expected} chunk objects are there"
     if found_shape != shape:
         return f"shape {found_shape}, the catalog says {shape}"
     if stored != nnz:
@@ -114,4 +123,9 @@ def check_atlas(loc: AtlasLocation, *, repair: bool = False) -> CheckReport:
     return report
 
 
-__all__ = ["CatalogError", "CheckReport", "Finding", "check_atlas"]
+def check(atlas: str, *, repair: bool = False, storage_options: dict | None = None) -> CheckReport:
+    """Check the atlas at a folder or URL (``bgee-dask check``); ``report.clean`` says whether all is well."""
+    return check_atlas(AtlasLocation(atlas, storage_options), repair=repair)
+
+
+__all__ = ["CatalogError", "CheckReport", "Finding", "check", "check_atlas"]

@@ -204,14 +204,19 @@ def consolidate_locked(loc: AtlasLocation) -> dict:
     genes = _with_gene_keys(_stack_genes(shares), experiments) if shares else None
     catalog_id = uuid.uuid4().hex
     folder = tables_dir(catalog_id)
-    loc.write_bytes(f"{folder}/{RUNS_TABLE_FILE}", _parquet_bytes(runs))
-    if genes is not None:
-        loc.write_bytes(f"{folder}/{GENES_TABLE_FILE}", share_bytes(genes))
-        # uncompressed on local disk: mapped and used in place; an object store pays per byte instead
-        compression = None if loc.is_local else "zstd"
-        lookup = GeneLookup.from_arrow(genes).to_arrow_bytes(catalog_id, compression)
-        loc.write_bytes(f"{folder}/{GENE_LOOKUP_FILE}", lookup)
-    loc.write_bytes(f"{folder}/{EXPERIMENTS_FILE}", _parquet_bytes(experiments))
+    try:
+        loc.write_bytes(f"{folder}/{RUNS_TABLE_FILE}", _parquet_bytes(runs))
+        if genes is not None:
+            loc.write_bytes(f"{folder}/{GENES_TABLE_FILE}", share_bytes(genes))
+            # uncompressed on local disk: mapped and used in place; an object store pays per byte instead
+            compression = None if loc.is_local else "zstd"
+            lookup = GeneLookup.from_arrow(genes).to_arrow_bytes(catalog_id, compression)
+            loc.write_bytes(f"{folder}/{GENE_LOOKUP_FILE}", lookup)
+        loc.write_bytes(f"{folder}/{EXPERIMENTS_FILE}", _parquet_bytes(experiments))
+    except BaseException:
+        with contextlib.suppress(Exception):  # (a disk full, a lost connection): no partial tables left
+            loc.remove(folder)
+        raise
     failpoint("tables-written")
     previous = read_header(loc)
     header = {
@@ -226,7 +231,12 @@ def consolidate_locked(loc: AtlasLocation) -> dict:
         "experiments": {s.key: s.record.get("version") for s in shares},
         "left_out": left_out,
     }
-    loc.write_json(HEADER, header)
+    try:
+        loc.write_json(HEADER, header)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            loc.remove(folder)  # the header still names the previous tables
+        raise
     failpoint("header-written")
     keep = {folder, header["previous_tables"]}
     for name in loc.list(TABLES):
@@ -259,13 +269,14 @@ def commit_version(loc: AtlasLocation, record: dict, on_committed: Callable[[], 
         before = read_record(loc, species, experiment_id)
         loc.write_json(fragment_path(species, experiment_id), record)
         failpoint("fragment-written")
-        header = consolidate_locked(loc)
+        try:
+            header = consolidate_locked(loc)
+        except BaseException:
+            _restore_record(loc, species, experiment_id, before)  # the caller removes the version
+            raise
         problem = next((x["reason"] for x in header["left_out"] if x["experiment"] == key), None)
         if problem is not None:
-            if before is not None:
-                loc.write_json(fragment_path(species, experiment_id), before)
-            else:
-                loc.remove(fragment_path(species, experiment_id))
+            _restore_record(loc, species, experiment_id, before)
             header = consolidate_locked(loc)
             loc.remove(experiment_dir(species, experiment_id) + "/" + record["version"])
             raise CatalogTypeError(f"{key}: its catalog share could not be consolidated: {problem}")
@@ -274,6 +285,15 @@ def commit_version(loc: AtlasLocation, record: dict, on_committed: Callable[[], 
         remove_replaced_versions(loc, species, experiment_id, keep={record["version"]})
         failpoint("committed")
     return header
+
+
+def _restore_record(loc: AtlasLocation, species: str, experiment_id: str, before: dict | None) -> None:
+    """Put the experiment's record back as it was before a commit that did not happen."""
+    with contextlib.suppress(Exception):
+        if before is not None:
+            loc.write_json(fragment_path(species, experiment_id), before)
+        else:
+            loc.remove(fragment_path(species, experiment_id))
 
 
 def remove_replaced_versions(loc: AtlasLocation, species: str, experiment_id: str, keep: set[str]) -> list[str]:

@@ -350,9 +350,21 @@ def _record(version: _Version, written, report: ConversionReport, loc: AtlasLoca
 
 
 def _remove_quietly(loc: AtlasLocation, rel: str) -> None:
-    """Remove a version that was not committed; a failure here leaves debris for ``check``, not an error."""
+    """Remove a version that was not committed; a failure here leaves debris for ``check``, not an error.
+
+    Locally, the folders that held only it go too, up to the atlas folder itself: a run that
+    committed nothing into a new atlas leaves no folder behind.
+    """
     with contextlib.suppress(Exception):
         loc.remove(rel)
+    if loc.is_local:
+        folder = os.path.dirname(loc.path(rel))
+        while len(folder) >= len(loc.url):
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
 
 
 def _ids_before_opening(path: str, experiment_id: str | None, species: str | None) -> tuple[str, str] | None:

@@ -31,7 +31,7 @@ def write_result(ds: xr.Dataset, path: str | os.PathLike) -> str:
         for name in list(out.coords):
             if out[name].dtype == object:
                 out[name] = out[name].astype(str)
-        out.to_netcdf(path, engine="h5netcdf" if _has("h5netcdf") else None)
+        out.to_netcdf(path, engine="h5netcdf")  # a dependency: scipy's netCDF3 writer cannot store text
     elif ext == ".csv":
         to_long_frame(ds).to_csv(path, index=False)
     elif ext in (".parquet", ".pq"):
@@ -44,8 +44,3 @@ def write_result(ds: xr.Dataset, path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: unknown output format {ext!r}; use .csv, .parquet or .nc")
     return path
 
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

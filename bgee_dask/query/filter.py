@@ -779,6 +779,7 @@ class _Frame:
         self.n = len(frame)
         self._columns: dict[str, _Column] = {}
         self.unfit: set[int] = set()  # leaves (by id) whose literal does not fit their column here
+        self.substitute: dict[int, IsIn] = {}  # `in` leaves (by id) with only the values that fit
 
     def column(self, name: str) -> _Column:
         col = self._columns.get(name)
@@ -830,8 +831,21 @@ def evaluate(expr: Expr | str, frame: pd.DataFrame, *, lenient: bool = False) ->
         except FilterTypeError:
             if not lenient:
                 raise
-            data.unfit.add(id(leaf))
+            column = data.column(leaf.column)
+            fitting = [v for v in leaf.values if _fits(column, v)] if isinstance(leaf, IsIn) else []
+            if fitting:  # `in [1, 'd1']`: the values this column's type can hold
+                data.substitute[id(leaf)] = IsIn(leaf.column, tuple(fitting), leaf.negate)
+            else:
+                data.unfit.add(id(leaf))
     return _eval(nnf, data)
+
+
+def _fits(column: _Column, value: Value) -> bool:
+    try:
+        column.check("==", value)
+    except FilterTypeError:
+        return False
+    return True
 
 
 def check_literals_fit(expr: Expr, kinds_by_experiment: Iterable[dict[str, str]]) -> None:
@@ -848,24 +862,26 @@ def check_literals_fit(expr: Expr, kinds_by_experiment: Iterable[dict[str, str]]
         seen = kinds.get(leaf.column, set()) - {"empty"}
         if not seen:
             continue
-        errors = []
-        for kind in sorted(seen):
-            column = _Column.__new__(_Column)
-            column.name, column.kind, column.desc = leaf.column, kind, f"{kind} in some experiments"
-            try:
-                column.check_leaf(leaf)
-                break
-            except FilterTypeError as exc:
-                errors.append(exc)
-        else:
-            raise errors[0]
+        literals = [(leaf.op, leaf.value)] if isinstance(leaf, Compare) else [("==", v) for v in leaf.values]
+        for op, value in literals:
+            errors = []
+            for kind in sorted(seen):
+                column = _Column.__new__(_Column)
+                column.name, column.kind, column.desc = leaf.column, kind, f"{kind} in some experiments"
+                try:
+                    column.check(op, value)
+                    break
+                except FilterTypeError as exc:
+                    errors.append(exc)
+            else:
+                raise errors[0]
 
 
 def _eval(expr: Expr, data: _Frame) -> np.ndarray:
     if isinstance(expr, (Compare, IsIn)):
         if id(expr) in data.unfit:
             return np.zeros(data.n, dtype=bool)
-        return data.column(expr.column).match(expr)
+        return data.column(expr.column).match(data.substitute.get(id(expr), expr))
     is_and = isinstance(expr, And)
     out: np.ndarray | None = None
     for item in expr.items:  # type: ignore[attr-defined]

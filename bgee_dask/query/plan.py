@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..atlas.catalog import AtlasCatalog
-from ..schema import InputKeyError
+from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, InputKeyError
 from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, check_literals_fit, evaluate_partial
 from .genes import gene_vocabulary, unknown_genes_message
 from .groups import group_codes
@@ -68,7 +68,9 @@ class QueryPlan:
 
 def check_columns(catalog: AtlasCatalog, columns: Sequence[str], what: str) -> None:
     """Every referenced column must exist in some experiment; otherwise name it and its near misses."""
-    known: set[str] = set(catalog.runs.columns) - {"experiment", "row_start", "row_stop"}
+    # the canonical and derived columns exist in every store (all missing where a file lacks one)
+    known: set[str] = {*CANONICAL_COLUMNS, *DERIVED_COLUMNS}
+    known |= set(catalog.runs.columns) - {"experiment", "row_start", "row_stop"}
     if "obs_columns" in catalog.experiments:
         for cols in catalog.experiments["obs_columns"]:
             known.update(list(cols))
