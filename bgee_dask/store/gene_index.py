@@ -3,7 +3,7 @@
 Asking for a few genes over all cells of a cell-major matrix reads the whole matrix. This
 copy stores the same values gene by gene (CSR of genes x cells, cell rows numbered as in the
 experiment store), so ten genes over a million cells are a few megabytes read. It is a
-separate store next to the AnnData one (``<EXP>.by_gene.zarr``) because ``anndata.read_zarr``
+separate store next to the AnnData one (``genes.zarr`` beside ``cells.zarr``) because ``anndata.read_zarr``
 loads every member of a store, and the index is not part of the data.
 
 When the conversion holds the whole matrix in memory, each gene range is picked out of it
