@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("query", help="filter cells and aggregate genes across every experiment of an atlas")
-    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("atlas", metavar="ATLAS", help="atlas folder or URL")
     p.add_argument("--filter", metavar="EXPR", help="e.g. \"cellTypeId == 'CL:0000236' and sex in ['female', 'male']\"")
     p.add_argument("--genes", metavar="IDS", help="comma-separated Ensembl ids or symbols (default: all genes)")
     p.add_argument("--by", required=True, metavar="COLS", help="comma-separated metadata columns to group by")
