@@ -7,11 +7,16 @@ without reading a store.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from ..atlas.catalog import AtlasCatalog
+
+if TYPE_CHECKING:
+    from .query import Query
 
 #: The label column of each id column (``speciesId`` is named by the experiments' ``species``).
 NAME_OF: dict[str, str] = {
@@ -136,7 +141,7 @@ def _plain(value):
     return value
 
 
-def column_values(query, column: str) -> pd.DataFrame:
+def column_values(query: Query, column: str) -> pd.DataFrame:
     """The values of a metadata column among a ``Query``'s cells, with cell and experiment counts.
 
     Columns: the column itself, its name column where it has one (``cellTypeId`` ->

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -22,6 +22,9 @@ from .names import add_name_coords
 from .plan import BlockTask, GeneTask, QueryPlan, check_columns, check_filter_types, make_plan, run_groups
 from .preload import prepare_worker_soon
 from .reduction import Partial, check_stats, combine, finalize
+
+if TYPE_CHECKING:
+    import anndata
 
 #: Partials merged per combine task of the tree reduction.
 FAN_IN = 8
@@ -142,7 +145,7 @@ class Query:
         # ds.sel(gene_symbol="CD19") works, and id columns get their names (cellTypeId -> cellTypeName)
         return add_name_coords(with_symbol_index(_to_dataset(partial, plan, by, stats, normalize)), self.catalog)
 
-    def pseudobulk(self, by: Sequence[str] | str, *, min_cells: int = 10):
+    def pseudobulk(self, by: Sequence[str] | str, *, min_cells: int = 10) -> anndata.AnnData:
         """Summed raw counts per group of ``by`` with at least ``min_cells`` cells, as an AnnData for
         PyDESeq2 (``DeseqDataSet(adata=pb, design="~cellTypeId")``) and decoupler, with no reshaping.
 
