@@ -424,6 +424,7 @@ def test_late_bad_value_on_spill_path_leaves_nothing(tmp_path, monkeypatch):
     reports = _run([path], atlas)
     assert reports[0].status == "failed" and "NaN" in reports[0].message
     assert not list(atlas.rglob("*SRPT81011*"))
+    assert not atlas.exists()  # nothing converted into a new path: no atlas folder
 
 
 # -- 4. atlas behaviour --------------------------------------------------------------------------
