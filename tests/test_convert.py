@@ -58,10 +58,6 @@ def _by_source(reports) -> dict[str, object]:
     return {os.path.basename(r.source): r for r in reports}
 
 
-def _atlas_files(atlas: Path) -> set[str]:
-    return {str(p.relative_to(atlas)) for p in atlas.rglob("*")}
-
-
 def _shard(atlas: Path, species: str, exp: str) -> Path:
     return mi.store_path(atlas, species, exp) / "X" / "data" / "c" / "0"
 
