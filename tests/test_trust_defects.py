@@ -368,3 +368,23 @@ def test_cli_check_exit_status_and_json(four_file_atlas, tmp_path, capsys):
     assert "damaged: Homo_sapiens/SRPT00003" in out and "orphan" not in out.split("repaired")[-1].split("\n", 1)[-1]
     assert not (atlas / "experiments" / "Homo_sapiens" / "SRPT00004" / "20000101T000000Z-deadbeef").exists()
     assert os.path.exists(mi.store_path(atlas, "Homo_sapiens", "SRPT00004"))
+
+
+def test_writing_where_commits_cannot_be_made_atomic_is_refused_in_one_line(tmp_path, bgee_sources):
+    with pytest.raises(bd.StorageAccessError, match=r"gs://.*can be read"):
+        bd.convert([bgee_sources["SRPT00004"]], "gs://some-bucket/atlas", workers=1, progress=False)
+
+
+def test_memory_atlas_commits_like_any_other(bgee_sources):
+    """memory:// emulates the conditional writes in-process: a commit is never reported without its catalog."""
+    import uuid
+
+    url = f"memory://bgee-{uuid.uuid4().hex[:8]}/atlas"
+    reports = bd.convert([bgee_sources["SRPT00004"], bgee_sources["SRPT00007"]], url, workers=1, progress=False)
+    assert [r.status for r in reports] == ["converted", "converted"]
+    a = bd.open_atlas(url)
+    assert sorted(a.experiments["experimentId"]) == ["SRPT00004", "SRPT00007"]
+    assert bd.check(url).clean
+    assert a.query("experimentId == 'SRPT00004'").aggregate(by="experimentId", stats=["sum"])["sum"].sum() == _total(
+        bgee_sources["SRPT00004"]
+    )

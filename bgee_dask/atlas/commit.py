@@ -275,6 +275,9 @@ def commit_version(loc: AtlasLocation, record: dict, on_committed: Callable[[], 
             _restore_record(loc, species, experiment_id, before)  # the caller removes the version
             raise
         problem = next((x["reason"] for x in header["left_out"] if x["experiment"] == key), None)
+        if problem is None and header["experiments"].get(key) != record["version"]:
+            # the listing did not show the record just written: never report a commit that did not happen
+            problem = f"{fragment_path(species, experiment_id)} was written but not found when the catalog was rebuilt"
         if problem is not None:
             _restore_record(loc, species, experiment_id, before)
             header = consolidate_locked(loc)

@@ -7,10 +7,12 @@ behave the same, and so that local writes can be made atomic with a rename.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -135,6 +137,16 @@ def _etag_of(response: Any) -> str | None:
     return response.get("ETag") if isinstance(response, dict) else None
 
 
+#: Serializes the conditional writes emulated on memory:// (a file system of this process only).
+_MEMORY_LOCK = threading.Lock()
+#: Where an atlas can be written: commits need conditional writes (see ``create_exclusive``).
+WRITABLE_PROTOCOLS = ("file", "local", "memory", *S3_PROTOCOLS)
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
 class AtlasLocation:
     """A root URL plus the options needed to reach it; picklable, so tasks can carry it."""
 
@@ -227,6 +239,11 @@ class AtlasLocation:
 
         One listing request, plus with ``write`` a probe object written and removed.
         """
+        if write and self.protocol not in WRITABLE_PROTOCOLS:
+            raise StorageAccessError(
+                f"{self.url}: bgee-dask writes atlases on local disks and S3-compatible object stores only "
+                f"(its commits need conditional writes); {self.protocol}:// atlases can be read"
+            )
         if self.is_local:
             if write:  # the atlas folder is made by the first commit, not here: a failed run leaves none
                 existing = self.url
@@ -284,8 +301,17 @@ class AtlasLocation:
                 self.fs.pipe_file(target, payload)  # one PUT
 
     # -- conditional writes (object stores): what leases are built on ---------------------------
+    # S3 (and S3-compatible servers) through If-None-Match / If-Match; memory:// (one process's
+    # own file system, used in tests and notebooks) under a process lock, its ETag a digest of
+    # the content. Other object stores are refused for writing by ``check_access``.
     def create_exclusive(self, rel: str, payload: bytes) -> str | None:
         """Write an object only if none exists (``If-None-Match: *``); its ETag, or None if one existed."""
+        if self.protocol == "memory":
+            with _MEMORY_LOCK:
+                if self.fs.exists(self.path(rel)):
+                    return None
+                self.fs.pipe_file(self.path(rel), payload)
+                return _digest(payload)
         with self._translated():
             try:
                 out = self.fs.pipe_file(self.path(rel), payload, mode="create")
@@ -297,6 +323,13 @@ class AtlasLocation:
 
     def replace_if(self, rel: str, payload: bytes, etag: str) -> str | None:
         """Overwrite an object only if it still has ``etag`` (``If-Match``); the new ETag, or None."""
+        if self.protocol == "memory":
+            with _MEMORY_LOCK:
+                found = self.stat(rel)
+                if found is None or found[0] != etag:
+                    return None
+                self.fs.pipe_file(self.path(rel), payload)
+                return _digest(payload)
         with self._translated():
             try:
                 out = self.fs.pipe_file(self.path(rel), payload, IfMatch=etag)
@@ -308,6 +341,13 @@ class AtlasLocation:
 
     def remove_if(self, rel: str, etag: str) -> bool:
         """Delete an object only if it still has ``etag``; whether it was deleted."""
+        if self.protocol == "memory":
+            with _MEMORY_LOCK:
+                found = self.stat(rel)
+                if found is None or found[0] != etag:
+                    return False
+                self.fs.rm_file(self.path(rel))
+                return True
         bucket, _, key = self.path(rel).partition("/")
         with self._translated():
             try:
@@ -324,6 +364,10 @@ class AtlasLocation:
         with self._translated():
             try:
                 info = self.fs.info(self.path(rel), refresh=True)
+                if self.protocol == "memory":
+                    created = info.get("created")
+                    stamp = created.timestamp() if hasattr(created, "timestamp") else float(created or 0)
+                    return _digest(self.fs.cat_file(self.path(rel))), stamp
             except FileNotFoundError:
                 return None
         modified = info.get("LastModified") or info.get("mtime")
@@ -397,8 +441,10 @@ class AtlasLocation:
                 if _error_code(exc) == "NoSuchBucket":
                     raise
                 return []
-        prefix = base + "/"
-        return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
+        # file systems differ on a leading "/" (memory:// adds one): compare without it
+        prefix = base.lstrip("/") + "/"
+        paths = (str(p).lstrip("/") for p in found)
+        return sorted(p[len(prefix) :] for p in paths if p.startswith(prefix))
 
     def remove(self, rel: str) -> None:
         target = self.path(rel)
