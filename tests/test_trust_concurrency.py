@@ -93,3 +93,29 @@ def test_concurrent_converts_s3(s3_server, s3_bucket, bgee_sources, trial):
     versions = fs.ls(f"{s3_bucket}/atlas-{trial}/experiments/Homo_sapiens/SRPT00004", detail=False, refresh=True)
     assert len(versions) == 1, versions  # the other writer's version of the same file is gone
     assert not fs.exists(f"{s3_bucket}/atlas-{trial}/catalog/lock.json")
+
+
+@pytest.mark.services
+def test_s3_lock_left_by_a_killed_writer_is_reported_stale_and_taken_over(
+    s3_server, s3_bucket, bgee_sources, monkeypatch
+):
+    """A writer killed while holding the object-store lock: check says so; the next writer takes the lease over."""
+    import time
+
+    from bgee_dask.atlas import locks
+    from bgee_dask.atlas.location import AtlasLocation
+
+    atlas = f"s3://{s3_bucket}/atlas"
+    options = s3_server.storage_options()
+    assert bd.convert([bgee_sources["SRPT00004"]], atlas, storage_options=options, workers=1, progress=False)[0].ok
+    loc = AtlasLocation(atlas, options)
+    assert loc.create_exclusive("catalog/lock.json", b'{"pid": -1}') is not None  # held, never refreshed
+    assert locks.commit_lock_state(loc) == "held"
+    monkeypatch.setattr(locks, "COMMIT_LEASE_TTL", 1.0)
+    time.sleep(1.5)
+    report = bd.check(atlas, storage_options=options)
+    assert [(f.kind, f.path) for f in report.findings] == [("stale-lock", "catalog/lock.json")]
+    reports = bd.convert([bgee_sources["SRPT00007"]], atlas, storage_options=options, workers=1, progress=False)
+    assert reports[0].status == "converted", reports[0].line()
+    assert bd.check(atlas, storage_options=options).clean
+    assert sorted(bd.open_atlas(atlas, options).experiments["experimentId"]) == ["SRPT00004", "SRPT00007"]
