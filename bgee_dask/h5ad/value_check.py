@@ -122,24 +122,21 @@ def scan_csr(
 
 
 def load_kernels() -> None:
-    """Load the scan kernel and the inflate kernel now, on this thread (numba's cache; cheap once loaded).
+    """Load the scan kernel now, on this thread (numba's cache; cheap once loaded).
 
-    What ``warm_up_in_background`` does, but before any file is open: numba's first kernel of
-    a process costs 0.2-0.3 s (its compiler's set-up, mostly Python holding the GIL). On a helper
-    thread during the first file, it starved that file's obs reading and its decoding, which
-    inflates chunk by chunk from Python until the kernel is there. ``bgee-dask convert`` of 8
-    files, 6 runs each: the first file took 1.24-1.62 s (median 1.41), and 0.96-1.33 s (median
-    1.04) with the kernels loaded first.
+    What ``warm_up_in_background`` does, but before any file is open: numba's first kernel of a
+    process sets up its compiler, mostly Python holding the GIL, which on a helper thread during
+    the first file starved that file's obs reading.
     """
     _WARM_UP.claim()
     _load()
 
 
 def warm_up_in_background() -> None:
-    """Load numba, the scan kernel and the inflate kernel on a helper thread, once per process.
+    """Load numba and the scan kernel on a helper thread, once per process.
 
     For a process that converts without ``load_kernels`` having been called first (a Dask
-    worker): the 0.3 s then overlap the first file's decoding at least, instead of following it.
+    worker): the loading then overlaps the first file's decoding instead of following it.
     """
     _WARM_UP.start_in_background()
 
@@ -147,9 +144,6 @@ def warm_up_in_background() -> None:
 def _load() -> None:
     indptr = np.array([0, 1], dtype=np.int64)
     scan_csr(indptr, np.zeros(1, np.int32), np.ones(1, np.float32), 1)
-    from .chunks import warm_up_inflate  # the decoder's own kernel, used once it is loaded
-
-    warm_up_inflate()
 
 
 _WARM_UP = OncePerProcess(_load, "bgee-dask-warm-up")
