@@ -102,54 +102,6 @@ def test_appended_columns_join_the_frame_in_order():
         frame_encoding.encode_arrays({"names": np.array(["a"], dtype=object)}, "obs")
 
 
-@pytest.mark.parametrize("layout", ["frame_encoding", "anndata", "zarr-big-endian", "zarr-blosc", "zarr-sharded"])
-def test_chunked_reader_equals_zarr(tmp_path, layout):
-    """Direct chunk reads of obs-like arrays against zarr's own slicing (others: no direct reader, zarr reads)."""
-    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
-
-    from bgee_dask.store.shard_reader import ChunkedArrayReader
-
-    rng = np.random.default_rng(7)
-    n = 2 * frame_encoding.CHUNK_ROWS + 123
-    numbers = rng.integers(-5, 1000, n).astype(np.int16)
-    numbers[10_000:20_000] = 0  # zarr does not store a chunk of fill values: read back as the fill value
-    texts = np.array([f"cell-{i}" for i in range(n)], dtype=object)
-    store = zarr.storage.LocalStore(tmp_path / "s.zarr")
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    if layout == "frame_encoding":
-        _write_anndata_elements(store, {"obs": pd.DataFrame({"v": numbers, "t": texts})})
-        paths = ["obs/v", "obs/t", "obs/_index"]
-    elif layout == "anndata":  # stores converted before frame_encoding existed: anndata's own writer
-        import anndata
-        from anndata.io import write_elem
-
-        frame = pd.DataFrame({"v": numbers, "t": texts, "c": pd.Categorical(texts)})
-        with anndata.settings.override(zarr_write_format=3):
-            write_elem(root, "obs", frame)
-        paths = ["obs/v", "obs/t", "obs/_index", "obs/c/codes", "obs/c/categories"]
-    else:
-        kw = {
-            "zarr-big-endian": {"serializer": BytesCodec(endian="big"), "compressors": [ZstdCodec(level=1)]},
-            "zarr-blosc": {"compressors": [BloscCodec()]},
-            "zarr-sharded": {"shards": (40_000,), "compressors": [ZstdCodec(level=0)]},
-        }[layout]
-        root.create_array("v", data=numbers, chunks=(10_000,), **kw)
-        paths = ["v"]
-        if layout == "zarr-big-endian":
-            assert not (tmp_path / "s.zarr" / "v" / "c" / "1").exists()
-    root = zarr.open_group(store, mode="r")
-    for path in paths:
-        reader = ChunkedArrayReader.for_array(store, path, root[path].metadata)
-        assert (reader is not None) == (layout in ("frame_encoding", "anndata", "zarr-big-endian")), (layout, path)
-        if reader is None:
-            continue
-        want_all = root[path][:]
-        for a, b in [(0, n), (0, 0), (5, 6), (n - 3, n + 10), (-4, 3), (65_530, 65_540), (1000, 140_000)]:
-            got = reader.read(a, b)
-            want = want_all[max(0, a) : min(n, max(a, b))]
-            assert got.dtype.isnative and got.tolist() == want.tolist(), (path, a, b)
-
-
 def test_compacted_text_with_missing_values_is_written_and_read_back():
     """Mostly unique text with missing values (anndata refuses nullable strings by default) and other text
     columns: written, and read back by anndata with the same values."""

@@ -456,44 +456,6 @@ def test_prefetch_passes_errors_and_stops_with_its_consumer():
     assert not [t for t in threading.enumerate() if t.name == "bgee-dask-prefetch"]
 
 
-@pytest.mark.parametrize("at_root", [False, True])
-def test_sharded_reader_matches_zarr(tmp_path, at_root):
-    from bgee_dask.store.shard_reader import ShardedArrayReader
-
-    rng = np.random.default_rng(3)
-    values = rng.negative_binomial(1, 0.3, size=10_007).astype(np.float32)
-    root = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="w")
-    if at_root:
-        arr = zarr.create_array(
-            zarr.storage.LocalStore(tmp_path / "a.zarr"),
-            shape=values.shape,
-            dtype=np.float32,
-            chunks=(256,),
-            shards=(1024,),
-            compressors=DEFAULT_CODEC.zarr_codec(np.dtype("f4")),
-            fill_value=0,
-        )
-    else:
-        arr = root.create_array(
-            "v",
-            shape=values.shape,
-            dtype=np.float32,
-            chunks=(256,),
-            shards=(1024,),
-            compressors=DEFAULT_CODEC.zarr_codec(np.dtype("f4")),
-            fill_value=0,
-        )
-    w = ShardWriter(arr, DEFAULT_CODEC)
-    w.append(values)
-    w.close()
-    reader = ShardedArrayReader(arr.store_path.store, arr.store_path.path, arr.metadata)
-    for _ in range(50):
-        a = int(rng.integers(0, values.size))
-        b = int(rng.integers(a, values.size + 1))
-        np.testing.assert_array_equal(reader.read(a, b), arr[a:b])
-    np.testing.assert_array_equal(reader.read(0, values.size), values)
-
-
 # -- the gene-major copy, built from the matrix in memory and from the spilled row stream -------
 def _shuffled_rows(path: Path, seed: int = 5) -> Path:
     """The same file with each row's values stored in a random gene order (valid CSR, unsorted)."""
@@ -516,6 +478,7 @@ def _shuffled_rows(path: Path, seed: int = 5) -> Path:
 @pytest.mark.parametrize("spill", [None, "many-buckets"])
 def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsorted, small_shards):
     from bgee_dask.store import gene_index as gi
+    from bgee_dask.store.gene_index_reader import GeneIndex
 
     monkeypatch.setattr(gi, "GENE_BUCKET_NNZ", 211)  # many gene ranges
     if small_shards:  # many shards: genes cut by shard edges are written by both neighbours
@@ -539,7 +502,7 @@ def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsort
     stored = ad.read_zarr(tmp_path / "e.zarr")
     want = mi.expected_counts(ad.read_h5ad(src))[stored.obs["source_row"].to_numpy()].tocsc()
     want.sort_indices()
-    index = gi.GeneIndex(zarr.storage.LocalStore(tmp_path / "e.by_gene.zarr", read_only=True))
+    index = GeneIndex(zarr.storage.LocalStore(tmp_path / "e.by_gene.zarr", read_only=True))
     assert index.shape == want.shape
     genes = np.arange(want.shape[1])
     indptr, cells, values = index.read_genes(genes)
@@ -549,8 +512,9 @@ def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsort
 
 
 def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_path, monkeypatch):
-    """Opened from its zarr.json alone: X rows and obs columns equal anndata's reading of the same store;
-    a store that is not ours, incomplete, unconsolidated or missing is a one-line error naming it."""
+    """X rows and obs columns equal anndata's reading of the same store, with or without consolidated
+    metadata; a store that is not ours, incomplete, of another format version or missing is a one-line
+    error naming it."""
     import json
 
     from bgee_dask.store.experiment import ExperimentStore
@@ -558,21 +522,35 @@ def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_
     out = _write(_source_file(tmp_path, "csr"), tmp_path / "e.zarr", None, monkeypatch)
     zarr.consolidate_metadata(zarr.storage.LocalStore(out))
     ref = ad.read_zarr(out)
-    store = ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e")
-    assert store.shape == ref.shape
-    indptr, indices, data = store.read_rows(100, 400)
-    got = sp.csr_matrix((data, indices, indptr), shape=(300, ref.n_vars))
-    np.testing.assert_array_equal(got.toarray(), ref.X[100:400].toarray())
-    for col in ("cellTypeId", "anatEntityId", "total_counts", "n_genes"):
-        np.testing.assert_array_equal(
-            store.obs_column(col, 50, 600).astype(object).to_numpy(),
-            ref.obs[col].iloc[50:600].astype(object).to_numpy(),
-        )
-    np.testing.assert_array_equal(store.obs_names(0, 700), ref.obs_names.to_numpy())
-    np.testing.assert_array_equal(store.var_names(), ref.var_names)
-
     root_json = out / "zarr.json"
     original = json.loads(root_json.read_text())
+
+    def reads_as_anndata() -> None:
+        store = ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e")
+        assert store.shape == ref.shape
+        indptr, indices, data = store.read_rows(100, 400)
+        got = sp.csr_matrix((data, indices, indptr), shape=(300, ref.n_vars))
+        np.testing.assert_array_equal(got.toarray(), ref.X[100:400].toarray())
+        for col in ("cellTypeId", "anatEntityId", "total_counts", "n_genes", "SampleId"):
+            got_col = store.obs_column(col, 50, 600)
+            assert got_col.dtype == ref.obs[col].dtype, col
+            np.testing.assert_array_equal(
+                got_col.astype(object).to_numpy(), ref.obs[col].iloc[50:600].astype(object).to_numpy()
+            )
+        assert list(store.obs_column("cellTypeId", 0, 1).cat.categories) == list(ref.obs["cellTypeId"].cat.categories)
+        names = store.obs_names(0, 700)
+        assert names.dtype == object and all(isinstance(n, str) for n in names[:3])
+        np.testing.assert_array_equal(names, ref.obs_names.to_numpy())
+        np.testing.assert_array_equal(store.var_names(), ref.var_names)
+        assert store.obs_columns() == list(ref.obs.columns)
+        with pytest.raises(KeyError):
+            store.obs_column("no_such_column", 0, 10)
+
+    reads_as_anndata()
+    unconsolidated = json.loads(json.dumps(original))
+    unconsolidated.pop("consolidated_metadata")
+    root_json.write_text(json.dumps(unconsolidated))
+    reads_as_anndata()  # each node's own zarr.json instead
 
     def opened_with(change) -> str:
         doc = json.loads(json.dumps(original))
@@ -585,7 +563,6 @@ def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_
     assert "incomplete" in opened_with(lambda d: d["attributes"]["bgee_dask"].update(complete=False))
     assert "not a bgee-dask" in opened_with(lambda d: d["attributes"].pop("bgee_dask"))
     assert "format 9.0" in opened_with(lambda d: d["attributes"]["bgee_dask"].update(format_version="9.0"))
-    assert "no consolidated metadata" in opened_with(lambda d: d.pop("consolidated_metadata"))
     root_json.unlink()
     with pytest.raises(FileNotFoundError, match=r"e\.zarr: no zarr\.json"):
         ExperimentStore(zarr.storage.LocalStore(out, read_only=True), name="e.zarr")

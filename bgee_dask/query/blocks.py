@@ -12,7 +12,7 @@ import pandas as pd
 from .._runtime import bound_heap_growth
 from ..atlas.location import AtlasLocation
 from ..store.experiment import OPEN_STORES, ExperimentStore
-from ..store.gene_index import GeneIndex
+from ..store.gene_index_reader import GeneIndex
 from .filter import Expr, evaluate
 from .groups import group_codes
 from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows

@@ -28,15 +28,20 @@ from ..cancellation import check_cancelled
 from ..workdirs import private_dir
 from .consolidation import consolidate_written_store
 from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
-from .layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings, create_values_array, write_indptr_array
+from .layout import (
+    DEFAULT_CODEC,
+    GENE_INDEX_FORMAT,
+    GENE_INDEX_VERSION,
+    INDEX_CODEC,
+    BloscSettings,
+    create_values_array,
+    write_indptr_array,
+)
 from .reorder import InMemoryMatrix
 from .scratch import Lease
-from .shard_reader import ConsolidatedNodes
 from .shards import ShardWriter
 from .spill_records import append_record, read_records
 
-GENE_INDEX_FORMAT = "bgee-dask/gene-index"
-GENE_INDEX_VERSION = "1.0"
 #: Values per gene-range spill bucket.
 GENE_BUCKET_NNZ = 1 << 23
 
@@ -212,40 +217,3 @@ class GeneIndexBuilder:
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cells, genes, values = read_records(self._path(k), [(0, np.int32), (0, np.int32), (0, self.dtype)], 1)
         return cells, genes, values
-
-
-class GeneIndex:
-    """Reads gene columns from a gene-major copy: for each gene, its cell rows and values."""
-
-    def __init__(self, store: zarr.abc.store.Store, name: str = ""):
-        nodes = ConsolidatedNodes(store, name or str(store))  # one request, as for ExperimentStore
-        attrs = nodes.attributes.get("bgee_dask", {})
-        if attrs.get("format") != GENE_INDEX_FORMAT or not attrs.get("complete"):
-            raise ValueError(f"{nodes.name}: not a complete bgee-dask gene index")
-        self.shape = tuple(attrs["shape"])
-        self._indptr = nodes.sharded("indptr")
-        self._indices = nodes.sharded("indices")
-        self._data = nodes.sharded("data")
-
-    @property
-    def requests(self) -> int:
-        return self._indptr.requests + self._indices.requests + self._data.requests
-
-    def read_genes(self, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR over ``genes`` (in that order): indptr, cell rows, values."""
-        genes = np.asarray(genes, dtype=np.int64)
-        starts = np.empty(genes.size, dtype=np.int64)
-        stops = np.empty(genes.size, dtype=np.int64)
-        for i, g in enumerate(genes.tolist()):
-            pair = self._indptr.read(g, g + 2)
-            starts[i], stops[i] = pair[0], pair[1]
-        lengths = stops - starts
-        indptr = np.zeros(genes.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        cells = np.empty(int(indptr[-1]), dtype=np.int32)
-        values = np.empty(int(indptr[-1]), dtype=self._data.dtype)
-        for i in range(genes.size):
-            if lengths[i]:
-                cells[indptr[i] : indptr[i + 1]] = self._indices.read(starts[i], stops[i])
-                values[indptr[i] : indptr[i + 1]] = self._data.read(starts[i], stops[i])
-        return indptr, cells, values

@@ -16,6 +16,9 @@ from zarr.codecs import BloscCodec
 FORMAT_NAME = "bgee-dask/experiment"
 FORMAT_VERSION = "1.0"
 ATTRS_KEY = "bgee_dask"
+#: The same for an experiment's gene-major copy (``genes.zarr``).
+GENE_INDEX_FORMAT = "bgee-dask/gene-index"
+GENE_INDEX_VERSION = "1.0"
 
 #: Elements per inner chunk of X/data and X/indices (512 KiB of float32 before compression).
 VALUES_CHUNK = 1 << 17
