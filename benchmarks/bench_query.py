@@ -47,6 +47,11 @@ Contenders:
   decoding (read the file, decode each inner chunk with numcodecs) and once with ``zarr`` slicing
   of one shard per task; the faster is the floor.
 
+``--baseline PATH`` runs the bgee-dask contenders a second time with another checkout of bgee-dask
+(``PYTHONPATH=PATH``; its rows are labelled ``baseline:``), interleaved with this tree's runs on the same
+atlas, and adds the ratios this tree / baseline to the targets table: a change is measured side by side
+with the code it replaces in one run.
+
 Correctness: each contender returns its statistics for a few groups (the selective group, the two
 largest, the smallest) and the 10 genes of the gene slice (chosen among genes every experiment
 measured, so "missing" and "zero" agree across tools); they are compared with bgee-dask's.
@@ -219,11 +224,11 @@ def child_bgee(args: dict[str, Any]) -> dict[str, Any]:
     import dask.array  # noqa: F401  (xarray imports it on first use: an import, not query work)
     import distributed  # noqa: F401  (bgee-dask looks for a client)
 
-    import bgee_dask as bd  # noqa: F401
+    import bgee_dask as bd
     import bgee_dask.query.blocks
-    import bgee_dask.query.query  # noqa: F401
+    import bgee_dask.query.query
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"bgee_dask_path": os.path.dirname(os.path.dirname(bd.__file__))}
     if args["mode"] == "cluster":
         t = time.perf_counter()
         # workers started as deploy/ starts them: with the preload that loads the query kernels
@@ -600,13 +605,20 @@ def child_main(kind: str, args: dict[str, Any]) -> None:
 
 
 def run_child(kind: str, args: dict[str, Any], log_path: Path, timeout: float) -> dict[str, Any]:
-    """Run one contender in a fresh interpreter; its result, or a dict with ``status`` and ``message``."""
+    """Run one contender in a fresh interpreter; its result, or a dict with ``status`` and ``message``.
+
+    ``args["pythonpath"]``, if given, is put first on the child's PYTHONPATH (and so its workers'):
+    that checkout's ``bgee_dask`` is imported instead of the installed one.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--args", json.dumps(args)]
+    env = None
+    if args.get("pythonpath"):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args["pythonpath"], os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     with open(log_path, "w") as err:
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "message": f"killed after {timeout:.0f} s", "wall_s": timeout}
     wall = time.perf_counter() - t0
@@ -829,6 +841,20 @@ def run_all(args, log) -> dict[str, Any]:
             ("selective", "bgee-dask (threads, in-process)", "bgee", {**a_sel, "mode": "threads"}, store_paths, 900),
             ("genes", "bgee-dask (threads, in-process)", "bgee", {**a_gsl, "mode": "threads"}, gene_paths, 900),
         ]
+    if args.baseline:
+        base = os.path.abspath(args.baseline)
+        plan = [
+            entry
+            for q, label, kind, cargs, files, timeout in plan
+            for entry in (
+                [(q, label, kind, cargs, files, timeout)]
+                + (
+                    [(q, f"baseline: {label}", kind, {**cargs, "pythonpath": base}, files, timeout)]
+                    if kind == "bgee"
+                    else []
+                )
+            )
+        ]
     if "floor" in c:
         plan += [
             (
@@ -912,7 +938,8 @@ def run_all(args, log) -> dict[str, Any]:
                     )
                 continue
             warm_s = warm(files)
-            res = run_child(kind, cargs, out / "logs" / f"{q}-{kind}-{len(done)}.log", timeout)
+            tag = f"{kind}-base" if cargs.get("pythonpath") else kind
+            res = run_child(kind, cargs, out / "logs" / f"{q}-{tag}-{len(done)}.log", timeout)
             res["warm_cache_s"] = warm_s
             res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
             res["other_busy_processes"] = _other_busy()
@@ -1131,6 +1158,21 @@ def evaluate_targets(rows, ref, floor, find, qs) -> list[dict[str, Any]]:
         lg = find("genes", "anndata")
         if lg:
             add("gene slice: anndata read_lazy / bgee-dask", lg["work_s"] / bg["work_s"], "(measure)", None)
+    for r in rows:
+        if not r["contender"].startswith("baseline: ") or not r.get("work_s"):
+            continue
+        mine = find(r["query"], r["contender"].removeprefix("baseline: "))
+        if not mine:
+            continue
+        for key, what in (("work_s", ""), ("warm_s", ", warm")):
+            if mine.get(key) and r.get(key):
+                ratio = mine[key] / r[key]
+                add(
+                    f"{r['query']}{what}: {r['contender'].removeprefix('baseline: ')} / baseline",
+                    ratio,
+                    "<= 1.2x",
+                    ratio <= 1.2,
+                )
     peaks = [
         r["worker_peak_rss_mb_max"]
         for r in rows
@@ -1281,6 +1323,11 @@ def main() -> None:
         help="comma-separated subset of bgee,bgee-threads,floor,scanpy,lazy,soma",
     )
     p.add_argument("--report", action="store_true", help="only re-render the markdown from the saved JSON")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="another bgee-dask checkout: its bgee-dask contenders run interleaved with this tree's, and are compared",
+    )
     args = p.parse_args()
     if args.child:
         child_main(args.child, json.loads(args.args))
