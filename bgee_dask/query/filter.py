@@ -887,7 +887,7 @@ def _eval(expr: Expr, data: _Frame) -> np.ndarray:
     for item in expr.items:  # type: ignore[attr-defined]
         part = _eval(item, data)
         if out is None:
-            out = part
+            out = part if part.flags.writeable else part.copy()  # pandas 3 hands out read-only views
         elif is_and:
             np.logical_and(out, part, out=out)
         else:
