@@ -35,6 +35,10 @@ tried only when the 300k timings say it fits in ``--budget-min`` and the disk ha
 Children import a copy of ``bgee_dask`` taken at start (``<out>/pkg-snapshot/<fingerprint>``, first on
 ``PYTHONPATH``), because the package is edited while benchmarks run; ``--no-snapshot`` measures the live one.
 
+``--baseline PATH`` runs every bgee-dask contender a second time with another checkout of bgee-dask
+(``PYTHONPATH=PATH``, e.g. a ``git worktree`` of an earlier commit; rows labelled ``baseline:``), each
+right after this tree's run of the same contender, and reports this tree / baseline.
+
 Results go to ``<out>/results.json`` and ``<out>/results.md``; the table is printed at the end
 (``--report-only`` re-renders it from the JSON).
 """
@@ -128,6 +132,14 @@ def _decode_dataset(ds, executor, inflate: str = "libdeflate") -> Any:
     return out
 
 
+def _numcodecs(settings) -> Any:
+    """A ``layout.BloscSettings`` as the numcodecs Blosc codec the floors encode with (zarr's BloscCodec wraps it)."""
+    import numcodecs
+
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[settings.shuffle]
+    return numcodecs.Blosc(cname=settings.cname, clevel=settings.clevel, shuffle=shuffle, blocksize=0)
+
+
 def _encode_all(values, codec, executor) -> int:
     """Bytes of ``values`` encoded piece by piece, as the store's inner chunks."""
     pieces = [values[i : i + PIECE] for i in range(0, values.size, PIECE)]
@@ -156,7 +168,7 @@ def _floor_file(
             values = arrays[name] = _decode_dataset(ds, executor, inflate)
             stats["decoded_bytes"] += values.nbytes
             if not (required and name != "X/indptr"):  # (encoded once sorted, below)
-                stats["encoded_bytes"] += _encode_all(values, codecs[name].numcodecs_codec(), executor)
+                stats["encoded_bytes"] += _encode_all(values, _numcodecs(codecs[name]), executor)
     if required:
         stats["encoded_bytes"] += _floor_required(path, arrays, n_genes, executor)
     if gene_major:
@@ -190,7 +202,7 @@ def _floor_required(path: str, arrays: dict[str, Any], n_genes: int, executor) -
     perm = np.random.default_rng(ROW_ORDER_SEED).permutation(indptr.size - 1)
     dest_indptr = np.zeros(indptr.size, dtype=np.int64)
     np.cumsum(np.diff(indptr)[perm], out=dest_indptr[1:])
-    value_codec, index_codec = DEFAULT_CODEC.numcodecs_codec(), INDEX_CODEC.numcodecs_codec()
+    value_codec, index_codec = _numcodecs(DEFAULT_CODEC), _numcodecs(INDEX_CODEC)
 
     def gather_and_encode(v0: int) -> int:
         n = min(PIECE, data.size - v0)
@@ -224,7 +236,7 @@ def _floor_gene_major(arrays: dict[str, Any], n_genes: int, executor) -> int:
     rows = np.arange(indptr.size - 1, dtype=np.int64)
     window = GENE_WINDOW
     cells_out, values_out = np.empty(window, dtype=np.int32), np.empty(window, dtype=data.dtype)
-    value_codec, cell_codec = DEFAULT_CODEC.numcodecs_codec(), INDEX_CODEC.numcodecs_codec()
+    value_codec, cell_codec = _numcodecs(DEFAULT_CODEC), _numcodecs(INDEX_CODEC)
     encoded = 0
     for v0 in range(0, data.size, window):
         v1 = min(data.size, v0 + window)
@@ -347,8 +359,9 @@ def run_child(kind: str, args: dict[str, Any], log_path: Path, timeout: float = 
         cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--args", json.dumps(args)]
         t0 = time.perf_counter()
         env = dict(os.environ)
-        if _SNAPSHOT is not None:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SNAPSHOT), env.get("PYTHONPATH")]))
+        first = args.get("pythonpath") or (str(_SNAPSHOT) if _SNAPSHOT is not None else None)
+        if first is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [first, env.get("PYTHONPATH")]))
         popen = subprocess.Popen(cmd, stdout=outf, stderr=err, env=env)
         ps = psutil.Process(popen.pid)
         peak = 0
@@ -380,8 +393,9 @@ def run_child(kind: str, args: dict[str, Any], log_path: Path, timeout: float = 
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{kind} failed (exit {popen.returncode}); log {log_path}:\n{tail}")
     res = json.loads(lines[-1][len(RESULT_TAG) :])
-    if _SNAPSHOT is not None and "bgee_dask_file" in res and not res["bgee_dask_file"].startswith(str(_SNAPSHOT)):
-        raise RuntimeError(f"child imported {res['bgee_dask_file']}, not the snapshot in {_SNAPSHOT}")
+    expected = args.get("pythonpath") or (str(_SNAPSHOT) if _SNAPSHOT is not None else None)
+    if expected is not None and "bgee_dask_file" in res and not res["bgee_dask_file"].startswith(expected):
+        raise RuntimeError(f"child imported {res['bgee_dask_file']}, not the package in {expected}")
     res.update(
         wall_s=wall,
         peak_tree_rss_mb=peak / 2**20,
@@ -509,6 +523,24 @@ def _nnz(path: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+BASELINE = "baseline: "
+
+
+def _with_baseline(
+    contenders: list[tuple[str, str, dict[str, Any]]], baseline: str | None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each bgee-dask contender followed by the same run of the baseline checkout (when there is one)."""
+    if baseline is None:
+        return contenders
+    out = []
+    for label, kind, args in contenders:
+        out.append((label, kind, args))
+        if kind in ("bgee", "bgee_cli"):
+            base_args = {**args, "out": args["out"] + "-baseline", "pythonpath": baseline}
+            out.append((BASELINE + label, kind, base_args))
+    return out
+
+
 def _throughput_contenders(files: list[str], work: Path, cores: int) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         ("bgee-dask convert (default: Dask worker threads)", "bgee", {"files": files, "out": str(work / "bgee")}),
@@ -602,7 +634,13 @@ def _summarise(runs: list[dict[str, Any]], n_cells: int) -> dict[str, Any]:
 
 
 def part_throughput(
-    cfg: dict[str, Any], out: Path, repeats: int, cores: int, log, keep_outputs: bool = True
+    cfg: dict[str, Any],
+    out: Path,
+    repeats: int,
+    cores: int,
+    log,
+    keep_outputs: bool = True,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     jobs = [
         dict(
@@ -624,7 +662,7 @@ def part_throughput(
     log(f"[part 1] {state}: {n_cells} cells, {nnz / 1e6:.1f}M values, {sum(manifest['bytes']) / 1e6:.0f} MB gzip")
     work = out / "work"
     _rm(work)
-    contenders = _throughput_contenders(files, work, cores)
+    contenders = _with_baseline(_throughput_contenders(files, work, cores), baseline)
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in contenders}
     # Outputs stay until every run is done, each run writing into a directory of its own, when
     # the disk has room: on this machine's ext4 (no journal), creating a file scans past the
@@ -653,7 +691,7 @@ def part_throughput(
                 runs[label].append(res)
     _rm(work)
     summary = {label: _summarise(r, n_cells) for label, r in runs.items()}
-    labels = [c[0] for c in contenders]
+    labels = [c[0] for c in contenders if not c[0].startswith(BASELINE)]
     bgee, nogi, cli, cli_nogi, bgee_procs, ad3p, ad3s, ad2p, *floors, floor_gm, floor_req, floor_req_gm = labels
     # The floor is the fastest way measured to only decode and encode: normally libdeflate on threads.
     floor_label = min(floors, key=lambda f: summary[f]["wall_s_median"])
@@ -689,6 +727,12 @@ def part_throughput(
         "floor_required_gene_major_over_floor": ratio(floor_req_gm, floor_label),
         "cli_over_floor_required_gene_major": ratio(cli, floor_req_gm),
         "labels": {"api": bgee, "api_no_gene_index": nogi, "cli": cli, "anndata_v3_pool": ad3p},
+        # this tree / the baseline checkout, per bgee-dask contender (wall and CPU)
+        "over_baseline": {
+            label: {"wall": ratio(label, BASELINE + label), "cpu": ratio(label, BASELINE + label, "cpu_s_median")}
+            for label in labels
+            if BASELINE + label in summary
+        },
         "work_only": {
             "anndata_v3_pool_over_bgee": ratio(ad3p, bgee, "work_s_median"),
             "anndata_v3_single_over_bgee": ratio(ad3s, bgee, "work_s_median"),
@@ -702,7 +746,7 @@ def part_throughput(
         "nnz": nnz,
         "source_bytes": sum(manifest["bytes"]),
         "generation": {"cached": manifest["cached"], "gen_wall_s": manifest["gen_wall_s"]},
-        "contenders": labels,
+        "contenders": [c[0] for c in contenders],
         "outputs_kept": keep,
         "summary": summary,
         "ratios": ratios,
@@ -714,7 +758,16 @@ def _memory_job(n: int) -> dict[str, Any]:
     return dict(n_cells=n, species="Homo_sapiens", experiment_id="SRPS90001", seed=77, threads=1, **GEN)
 
 
-def part_memory(cfg: dict[str, Any], out: Path, cores: int, budget_s: float, t_begin: float, big: str, log):
+def part_memory(
+    cfg: dict[str, Any],
+    out: Path,
+    cores: int,
+    budget_s: float,
+    t_begin: float,
+    big: str,
+    log,
+    baseline: str | None = None,
+):
     sizes = list(cfg["memory_sizes"])
     log(f"[part 2] sources: one file each of {sizes} cells")
     # Each size is its own cached folder; the first ones are generated in parallel.
@@ -736,10 +789,16 @@ def part_memory(cfg: dict[str, Any], out: Path, cores: int, budget_s: float, t_b
     def measure(n: int, m: dict[str, Any]) -> None:
         f = m["files"][0]
         nnz = _nnz(f)
-        variants = ((None, "bgee-dask convert workers=1"), (False, "bgee-dask workers=1 gene_index=False"))
-        for gene_index, tool in variants:
+        variants = [(None, "bgee-dask convert workers=1", None)]
+        if baseline is not None:
+            variants.append((None, BASELINE + "bgee-dask convert workers=1", baseline))
+        variants.append((False, "bgee-dask workers=1 gene_index=False", None))
+        for gene_index, tool, pythonpath in variants:
             args = {"files": [f], "out": str(out / "work" / "mem"), "workers": 1, "gene_index": gene_index}
-            res = run_child("bgee", args, out / "logs" / f"p2-bgee-{n}-{gene_index}.log")
+            if pythonpath is not None:
+                args["pythonpath"] = pythonpath
+            tag = "-baseline" if pythonpath else ""
+            res = run_child("bgee", args, out / "logs" / f"p2-bgee-{n}-{gene_index}{tag}.log")
             res["output_bytes"] = _du(out / "work" / "mem")
             _rm(out / "work")
             rows.append(_memory_row(tool, n, nnz, m, res))
@@ -940,6 +999,17 @@ def _markdown(results: dict[str, Any]) -> str:
             f"{s_cpu(bgee_l):.1f}, gene_index=False {s_cpu(nogi_l):.1f}, anndata v3 Pool {s_cpu(ad3p_l):.1f}, floor "
             f"{s_cpu(r['floor_contender']):.1f}; bgee-dask / floor {s_cpu(bgee_l) / s_cpu(r['floor_contender']):.2f}, "
             f"anndata v3 Pool / bgee-dask {s_cpu(ad3p_l) / s_cpu(bgee_l):.2f}x.",
+            *(
+                [
+                    "* This tree / baseline checkout (wall, CPU): "
+                    + "; ".join(
+                        f"{label}: **{v['wall']:.2f}**, {v['cpu']:.2f}" for label, v in r["over_baseline"].items()
+                    )
+                    + "."
+                ]
+                if r.get("over_baseline")
+                else []
+            ),
             f"* Work only (excluding interpreter start and imports): anndata v3 Pool / bgee-dask "
             f"{w['anndata_v3_pool_over_bgee']:.2f}x, single / bgee-dask {w['anndata_v3_single_over_bgee']:.2f}x, "
             f"bgee-dask / floor {w['bgee_over_floor']:.2f}.",
@@ -960,7 +1030,7 @@ def _markdown(results: dict[str, Any]) -> str:
                 f"{row['uncompressed_x_mb']:.0f} | {row['wall_s']:.1f} | {row['peak_tree_rss_mb']:.0f} | "
                 f"{row['wait4_maxrss_mb']:.0f} |"
             )
-        bgee = [r for r in mem["rows"] if not r["tool"].startswith("anndata")]
+        bgee = [r for r in mem["rows"] if not r["tool"].startswith(("anndata", BASELINE))]
         peak = max((r["peak_tree_rss_mb"] for r in bgee if "gene_index=False" not in r["tool"]), default=0)
         peak_nogi = max((r["peak_tree_rss_mb"] for r in bgee if "gene_index=False" in r["tool"]), default=0)
         verdict = "met" if peak <= 1024 else "NOT met"
@@ -969,6 +1039,19 @@ def _markdown(results: dict[str, Any]) -> str:
             f"* bgee-dask (default) peak RSS at most {peak:.0f} MB (target <= 1024 MB: {verdict}); "
             f"with gene_index=False at most {peak_nogi:.0f} MB.",
         ]
+        base = {r["n_cells"]: r for r in mem["rows"] if r["tool"].startswith(BASELINE)}
+        if base:
+            mine = {r["n_cells"]: r for r in bgee if "gene_index=False" not in r["tool"]}
+            lines.append(
+                "* Peak RSS, this tree / baseline: "
+                + "; ".join(
+                    f"{n:,} cells {mine[n]['peak_tree_rss_mb']:.0f} / {base[n]['peak_tree_rss_mb']:.0f} MB, "
+                    f"wall {mine[n]['wall_s']:.1f} / {base[n]['wall_s']:.1f} s"
+                    for n in sorted(base)
+                    if n in mine
+                )
+                + "."
+            )
         if mem.get("big_size_note"):
             lines.append(f"* {mem['big_size_note']}.")
         lines.append("")
@@ -995,6 +1078,11 @@ def main(argv: list[str] | None = None) -> int:
         help="delete each run's output before the next run (the harness's behaviour before the thirteenth session)",
     )
     p.add_argument("--report-only", action="store_true", help="re-render <out>/results.md from results.json")
+    p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="also run every bgee-dask contender with the bgee-dask of this checkout (PYTHONPATH=PATH), interleaved",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -1030,6 +1118,11 @@ def main(argv: list[str] | None = None) -> int:
     import bgee_dask
 
     global _SNAPSHOT
+    baseline = None
+    if a.baseline:
+        baseline = os.path.abspath(a.baseline)
+        if not os.path.isfile(os.path.join(baseline, "bgee_dask", "__init__.py")):
+            p.error(f"--baseline {a.baseline}: no bgee_dask package there")
     live_fp = _package_fingerprint()
     if a.no_snapshot:
         measured_fp = live_fp
@@ -1056,6 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
             "bgee_dask_measured_fingerprint": measured_fp,
             "bgee_dask_snapshot": str(_SNAPSHOT) if _SNAPSHOT else None,
             "bgee_dask_source_sha256_start": live_fp,
+            "baseline": baseline,
+            "baseline_fingerprint": _package_fingerprint(Path(baseline) / "bgee_dask") if baseline else None,
             "anndata_default_zarr_write_format": anndata.settings.zarr_write_format,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "config": cfg,
@@ -1067,9 +1162,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{anndata.settings.zarr_write_format}); out {out}"
     )
     if not a.skip_throughput:
-        results["throughput"] = part_throughput(cfg, out, a.repeats, cores, log, keep_outputs=not a.delete_outputs)
+        results["throughput"] = part_throughput(
+            cfg, out, a.repeats, cores, log, keep_outputs=not a.delete_outputs, baseline=baseline
+        )
     if not a.skip_memory:
-        results["memory"] = part_memory(cfg, out, cores, a.budget_min * 60, t_begin, a.one_million, log)
+        results["memory"] = part_memory(
+            cfg, out, cores, a.budget_min * 60, t_begin, a.one_million, log, baseline=baseline
+        )
     results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["meta"]["bgee_dask_source_sha256_end"] = _package_fingerprint()
     results["meta"]["package_changed_during_run"] = (

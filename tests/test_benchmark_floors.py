@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from bgee_dask.store import layout
 from bgee_dask.synthetic import generate_experiment
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_convert.py"
@@ -47,7 +46,7 @@ def kept(monkeypatch, bench) -> list[np.ndarray]:
             given.append(np.array(values))
             return b"."
 
-    monkeypatch.setattr(layout.BloscSettings, "numcodecs_codec", lambda self: Keeper())
+    monkeypatch.setattr(bench, "_numcodecs", lambda settings: Keeper())
     monkeypatch.setattr(bench, "PIECE", 1000)
     monkeypatch.setattr(bench, "GENE_WINDOW", 7000)
     return given
