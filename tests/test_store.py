@@ -1,9 +1,9 @@
-"""The store writer's parts: hand-assembled zarr shards, the two-pass (spill) reorder, sorting, runs."""
+"""The store writer's parts: sharded arrays written whole shard by whole shard, the two-pass (spill) reorder, sorting,
+runs."""
 
 from __future__ import annotations
 
 import functools
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,18 +17,17 @@ import zarr
 import bgee_dask.store.layout as layout
 import bgee_dask.store.writer as writer
 from bgee_dask.h5ad.source import H5adSource
-from bgee_dask.store import scratch, shards
-from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC, BloscSettings
+from bgee_dask.store.array_writer import ShardedArrayWriter
+from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
 from bgee_dask.store.reorder import stream_sorted
 from bgee_dask.store.runs import runs_table
-from bgee_dask.store.shards import ShardWriter, write_gathered_shard
 
 from . import make_inputs as mi
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-# -- ShardWriter ---------------------------------------------------------------------------------
+# -- ShardedArrayWriter --------------------------------------------------------------------------
 def _random_values(rng, dtype, n):
     if np.issubdtype(dtype, np.floating):
         return (rng.standard_normal(n) * 100).astype(dtype)
@@ -52,7 +51,7 @@ CODECS = [
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.cname}-{c.shuffle}")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.uint8, np.int16])
 @pytest.mark.parametrize("seed", range(3))
-def test_shard_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
+def test_sharded_array_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
     rng = np.random.default_rng(seed * 1000 + np.dtype(dtype).itemsize)
     chunk = int(rng.integers(1, 300))
     shard = chunk * int(rng.integers(1, 9))
@@ -71,89 +70,35 @@ def test_shard_writer_reads_back_exactly(tmp_path, dtype, codec, at_root, seed):
     else:
         arr = zarr.open_group(store, mode="w").create_group("X").create_array("data", **kwargs)
     values = _random_values(rng, dtype, size)
-    with ThreadPoolExecutor(2) as pool, scratch.lease() as working:
-        w = ShardWriter(arr, codec, pool if seed % 2 else None, working if seed % 3 else None)
-        for k, piece in enumerate(_pieces(rng, values)):
-            if k % 2:  # filled in place, as the in-memory reorder does, in bites of the free room
-                pos = 0
-                while pos < piece.size:
-                    room = w.writable()
-                    take = min(room.size, piece.size - pos, int(rng.integers(1, 2 * shard + 2)))
-                    room[:take] = piece[pos : pos + take]
-                    w.advance(take)
-                    pos += take
-            else:
-                w.append(piece)
-        assert w.writable().size == 0
-        w.close()
+    w = ShardedArrayWriter(arr)
+    for k, piece in enumerate(_pieces(rng, values)):
+        if k % 2:  # filled in place, as the in-memory reorder does, in bites of the free room
+            pos = 0
+            while pos < piece.size:
+                room = w.writable()
+                take = min(room.size, piece.size - pos, int(rng.integers(1, 2 * shard + 2)))
+                room[:take] = piece[pos : pos + take]
+                w.advance(take)
+                pos += take
+        else:
+            w.append(piece)
+    assert w.writable().size == 0
+    w.close()
     back = zarr.open_array(store, path="" if at_root else "X/data", mode="r")
     got = back[:]
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, values)
-    # random slices through zarr's partial shard reads
-    for _ in range(5):
+    for _ in range(5):  # random slices through zarr's partial shard reads
         a = int(rng.integers(0, size + 1))
         b = int(rng.integers(a, size + 1))
         np.testing.assert_array_equal(back[a:b], values[a:b])
-    # one object per shard, all inside the store (an array at the root once wrote to "/c/<i>")
+    # one object per shard, all inside the store
     shard_dir = tmp_path / "s.zarr" / ("c" if at_root else "X/data/c")
     n_shards = -(-size // shard)
     assert sorted(p.name for p in shard_dir.glob("*")) == sorted(str(i) for i in range(n_shards))
-    assert w.bytes_written == sum(p.stat().st_size for p in shard_dir.glob("*"))
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_gathered_shards_match_values_written_one_by_one(tmp_path, seed):
-    """write_gathered_shard (chunks gathered and encoded at once) writes the same objects as append, for two arrays."""
-    rng = np.random.default_rng(seed)
-    chunk = int(rng.integers(1, 200))
-    shard = chunk * int(rng.integers(1, 6))
-    size = [0, 1, chunk, shard, 3 * shard, int(rng.integers(1, 6 * shard))][seed]
-    values = [_random_values(rng, np.int32, size), _random_values(rng, np.float32, size)]
-    codecs = [INDEX_CODEC, DEFAULT_CODEC]
-
-    def arrays(name):
-        group = zarr.open_group(zarr.storage.LocalStore(tmp_path / name), mode="w")
-        return [
-            group.create_array(
-                key,
-                shape=(size,),
-                dtype=v.dtype,
-                chunks=(chunk,),
-                shards=(shard,),
-                compressors=c.zarr_codec(v.dtype),
-                fill_value=0,
-            )
-            for key, v, c in zip(("indices", "data"), values, codecs, strict=True)
-        ]
-
-    calls = []
-
-    def fill(start, outs):
-        calls.append((start, outs[0].size))
-        for out, v in zip(outs, values, strict=True):
-            out[:] = v[start : start + out.size]
-
-    with ThreadPoolExecutor(2) as pool, scratch.lease() as working:
-        executor = pool if seed % 2 else None
-        gathered = [ShardWriter(a, c, executor, working) for a, c in zip(arrays("g.zarr"), codecs, strict=True)]
-        shards = []
-        while n := write_gathered_shard(gathered, fill):
-            shards.append(n)
-        appended = [ShardWriter(a, c, None, working) for a, c in zip(arrays("a.zarr"), codecs, strict=True)]
-        for w, v in zip(appended, values, strict=True):
-            w.append(v)
-        for w in [*gathered, *appended]:
-            w.close()
-    assert shards == [min(shard, size - s) for s in range(0, size, shard)]
-    assert sorted(calls) == [(s, min(chunk, size - s)) for s in range(0, size, chunk)]  # each value once
-    for key, v in zip(("indices", "data"), values, strict=True):
-        np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr", path=key, mode="r")[:], v)
-    a, g = _files(tmp_path / "a.zarr"), _files(tmp_path / "g.zarr")
-    assert a.keys() == g.keys() and all(a[k] == g[k] for k in a)  # byte for byte
-
-
-def test_shard_writer_checks_the_count(tmp_path):
+def test_sharded_array_writer_checks_the_count(tmp_path):
     store = zarr.storage.LocalStore(tmp_path / "s.zarr")
     arr = zarr.open_group(store, mode="w").create_array(
         "v",
@@ -163,91 +108,46 @@ def test_shard_writer_checks_the_count(tmp_path):
         shards=(40,),
         compressors=DEFAULT_CODEC.zarr_codec(np.dtype("i4")),
     )
-    w = ShardWriter(arr, DEFAULT_CODEC)
+    w = ShardedArrayWriter(arr)
     w.append(np.arange(99, dtype=np.int32))
     with pytest.raises(RuntimeError, match="99 values"):
         w.close()
     with pytest.raises(ValueError, match="sharded"):
-        ShardWriter(zarr.open_group(store, mode="a").create_array("u", shape=(5,), dtype="i4"), DEFAULT_CODEC)
+        ShardedArrayWriter(zarr.open_group(store, mode="a").create_array("u", shape=(5,), dtype="i4"))
     # too many values are refused before any shard beyond the array is written
-    w = ShardWriter(arr, DEFAULT_CODEC)
+    w = ShardedArrayWriter(arr)
     w.append(np.arange(80, dtype=np.int32))
     with pytest.raises(RuntimeError, match="more values"):
         w.append(np.arange(21, dtype=np.int32))
     assert not (tmp_path / "s.zarr" / "v" / "c" / "3").exists()
     with pytest.raises(RuntimeError, match="more values"):
         w.advance(21)
+    w.stop()
 
 
-def _aligned_room(payload: bytes) -> memoryview:
-    """``payload`` at the start of a 4 KiB-aligned buffer with room to the next boundary, as shards are encoded."""
-    raw = np.full(len(payload) + 3 * shards._ALIGN, 0xAB, dtype=np.uint8)
-    room = memoryview(raw)[-raw.ctypes.data % shards._ALIGN :]
-    room[: len(payload)] = payload
-    return room
+def test_sharded_array_writer_raises_a_failed_write_and_stops(tmp_path, monkeypatch):
+    """A shard whose write fails raises at the next shard or at close; stop() returns once no write runs."""
+    import threading
+    import time
 
+    arr = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="w").create_array(
+        "v", shape=(100,), dtype=np.int32, chunks=(10,), shards=(20,)
+    )
+    w = ShardedArrayWriter(arr)
+    running = threading.Event()
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 100_003])
-def test_write_file_writes_exactly_the_bytes(tmp_path, size):
-    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    path = tmp_path / "a" / "b" / "shard"
-    shards.write_file(str(path), _aligned_room(payload), size)
-    assert path.read_bytes() == payload  # no padding left behind
-    shards.write_file(str(path), _aligned_room(payload[: size // 2]), size // 2)  # rewritten shorter
-    assert path.read_bytes() == payload[: size // 2]
+    def failing(start, values):
+        running.set()
+        time.sleep(0.2)
+        raise OSError("disk full")
 
-
-def test_write_file_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
-    """A file system that refuses O_DIRECT gets ordinary writes, with the same bytes."""
-    import errno
-    import os
-
-    real_open = os.open
-
-    def refusing_open(path, flags, *args):
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        return real_open(path, flags, *args)
-
-    monkeypatch.setitem(shards._DIRECT, "ok", True)
-    monkeypatch.setattr(os, "open", refusing_open)
-    payload = bytes(range(256)) * 40
-    shards.write_file(str(tmp_path / "s"), _aligned_room(payload), len(payload))
-    assert (tmp_path / "s").read_bytes() == payload
-    assert shards._DIRECT["ok"] is False  # not tried again in this process
-    shards.write_file(str(tmp_path / "t"), _aligned_room(payload), 1000)
-    assert (tmp_path / "t").read_bytes() == payload[:1000]
-
-
-def test_scratch_lease_reuses_buffers_and_releases_them():
-    scratch.release_scratch()
-    with scratch.lease() as first:
-        a = first.empty(1000, np.float32)
-        b = first.empty(10, np.int64)
-        a[:] = 1.5
-        address_a = a.__array_interface__["data"][0]
-        first.give_back(b)  # back before the lease ends: this lease may take it again
-        c = first.empty(5, np.int32)
-        assert c.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-    assert scratch.kept_bytes() == 4096 + 80  # sizes rounded to eight steps per power of two
-    with scratch.lease() as second:
-        d = second.empty(900, np.int32)  # the 4000-byte buffer, the smallest that fits
-        assert d.dtype == np.int32 and d.shape == (900,)
-        assert d.__array_interface__["data"][0] == address_a
-        e = second.empty(2000, np.float32)  # nothing fits: the largest free one is dropped, not hoarded
-        assert e.shape == (2000,)
-        assert scratch.kept_bytes() == 0
-    assert scratch.kept_bytes() == 4096 + 8192
-    assert scratch.release_scratch() > 0 and scratch.kept_bytes() == 0
-
-
-def test_scratch_size_classes_round_up_by_at_most_an_eighth():
-    sizes = np.unique(np.random.default_rng(3).integers(1, 1 << 40, size=5000))
-    for n in [*range(1, 300), *sizes.tolist()]:
-        c = scratch._size_class(n)
-        assert n <= c <= n + max(1, n // 8), n
-    # two files of slightly different size share one class, so the second reuses the first's buffer
-    assert scratch._size_class(300_000_000) == scratch._size_class(301_500_000)
+    monkeypatch.setattr(w, "_write", failing)
+    w.append(np.arange(20, dtype=np.int32))  # handed to the writer thread
+    running.wait()
+    with pytest.raises(OSError, match="disk full"):
+        w.append(np.arange(40, dtype=np.int32))
+    w.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("bgee-dask-shard")]
 
 
 # -- the spill (two-pass) reorder against the in-memory path -------------------------------------
@@ -600,26 +500,21 @@ def test_index_arrays_use_the_index_codec(tmp_path, monkeypatch):
 # -- consolidated metadata -----------------------------------------------------------------------
 
 
-def _consolidated(store: zarr.abc.store.Store) -> dict:
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+def assert_consolidated(store: zarr.abc.store.Store) -> None:
+    """The root's consolidated metadata names every node of the store (opening it is then one request)."""
+    import warnings
 
-    return json.loads(sync(store.get("zarr.json", default_buffer_prototype())).to_bytes())["consolidated_metadata"]
-
-
-def assert_consolidated_like_zarr(store: zarr.abc.store.Store) -> None:
-    """The root's inline metadata equals what ``zarr.consolidate_metadata`` computes for the same store."""
-    ours = _consolidated(store)
-    ours_parsed = zarr.open_consolidated(store, mode="r").metadata.consolidated_metadata
-    zarr.consolidate_metadata(store)  # the reference, written over ours
-    theirs = _consolidated(store)
-    assert len(ours["metadata"]) >= 3  # the gene-major copy has three arrays; an experiment store ~60 nodes
-    assert ours == theirs
-    assert ours_parsed == zarr.open_consolidated(store, mode="r").metadata.consolidated_metadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        consolidated = zarr.open_consolidated(store, mode="r").metadata.consolidated_metadata
+        walked = zarr.open_group(store, mode="r", use_consolidated=False)
+        nodes = {path for path, _ in walked.members(max_depth=None)}
+    assert consolidated is not None and len(nodes) >= 3  # the gene-major copy has three arrays
+    assert set(consolidated.flattened_metadata) == nodes
 
 
 @pytest.mark.parametrize("where", ["local", "fsspec-memory"])
-def test_consolidated_metadata_is_zarrs(tmp_path, bgee_sources, where):
+def test_stores_are_consolidated(tmp_path, bgee_sources, where):
     import uuid
 
     import bgee_dask as bd
@@ -638,4 +533,4 @@ def test_consolidated_metadata_is_zarrs(tmp_path, bgee_sources, where):
         assert (record["store"], record["gene_index"]) == (f"{version}/cells.zarr", f"{version}/genes.zarr")
         assert r.store == record["store"]
         for target in (record["store"], record["gene_index"]):
-            assert_consolidated_like_zarr(loc.zarr_store(target))
+            assert_consolidated(loc.zarr_store(target))

@@ -30,7 +30,6 @@ from .._version import __version__
 from ..cancellation import Cancelled, check_cancelled
 from ..failpoints import failpoint
 from ..schema import BgeeInputError, check_identifier, parse_bgee_filename
-from ..store.scratch import release_scratch
 from ..workdirs import sweep_stale
 from .catalog_types import CatalogTypeError
 from .commit import commit_version, declared_genes, declared_runs, read_record, share_bytes, sweep
@@ -469,10 +468,7 @@ def convert(
     }
     client = client or current_client()
     if client is None and (len(todo) <= 1 or workers == 1):
-        try:
-            reports += _run_serial(todo, loc, kwargs, progress)
-        finally:
-            release_scratch()
+        reports += _run_serial(todo, loc, kwargs, progress)
     elif client is None and workers is None:
         # Tasks of dask's threaded scheduler, in this process: a file already keeps every core
         # busy (decoding and encoding run on its own thread pool), so worker processes only added
@@ -480,20 +476,13 @@ def convert(
         # with its share of the cores.
         cores = cpu_count()
         n = max(1, min(len(todo), cores // 4))
-        try:
-            reports += _run_threads(todo, loc, kwargs, progress, n, threads=max(1, cores // n))
-        finally:
-            release_scratch()
+        reports += _run_threads(todo, loc, kwargs, progress, n, threads=max(1, cores // n))
     elif client is None:
         n = min(len(todo), workers)
         with local_client(n) as local:
             reports += _run_on(local, todo, loc, kwargs, progress, threads=max(1, cpu_count() // n))
     else:
-        try:
-            reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
-        finally:
-            # the workers kept the last file's working arrays for the next one; nothing more is coming
-            client.run(release_scratch)
+        reports += _run_on(client, todo, loc, kwargs, progress, threads=None)
     if todo and (loc.exists(HEADER) or any(r.status == "converted" for r in reports)):
         # Each file committed itself; this commits what killed runs left uncommitted and removes their debris.
         sweep(loc)

@@ -26,7 +26,7 @@ import zarr
 from .._runtime import map_on
 from ..cancellation import check_cancelled
 from ..workdirs import private_dir
-from .consolidation import consolidate_written_store
+from .array_writer import ShardedArrayWriter, consolidate
 from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
 from .layout import (
     DEFAULT_CODEC,
@@ -38,8 +38,6 @@ from .layout import (
     write_indptr_array,
 )
 from .reorder import InMemoryMatrix
-from .scratch import Lease
-from .shards import ShardWriter
 from .spill_records import append_record, read_records
 
 #: Values per gene-range spill bucket.
@@ -61,7 +59,6 @@ class GeneIndexBuilder:
         executor: Executor | None = None,
         spill_dir: str | None = None,
         bucket_nnz: int = GENE_BUCKET_NNZ,
-        scratch: Lease | None = None,
     ):
         self.store = store
         self.n_cells, self.n_genes = n_cells, n_genes
@@ -69,7 +66,6 @@ class GeneIndexBuilder:
         self.codec, self.index_codec, self.executor = codec, index_codec, executor
         self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
         self.bytes_written = 0
-        self.scratch = scratch
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self._matrix: InMemoryMatrix | None = None
@@ -115,18 +111,9 @@ class GeneIndexBuilder:
             root = zarr.open_group(self.store, mode="w", zarr_format=3)
             total = int(self.indptr[-1])
 
-            cells_out = ShardWriter(
-                create_values_array(root, "indices", total, np.dtype(np.int32), self.index_codec),
-                self.index_codec,
-                self.executor,
-                self.scratch,
-            )
-            data_out = ShardWriter(
-                create_values_array(root, "data", total, self.dtype, self.codec),
-                self.codec,
-                self.executor,
-                self.scratch,
-            )
+            cells_array = create_values_array(root, "indices", total, np.dtype(np.int32), self.index_codec)
+            data_array = create_values_array(root, "data", total, self.dtype, self.codec)
+            cells_out, data_out = ShardedArrayWriter(cells_array), ShardedArrayWriter(data_array)
             try:
                 if self._matrix is not None:
                     self._write_from_matrix(cells_out, data_out)
@@ -146,12 +133,12 @@ class GeneIndexBuilder:
                 **attrs,
                 "complete": True,
             }
-            consolidate_written_store(self.store)
-            self.bytes_written = cells_out.bytes_written + data_out.bytes_written
+            consolidate(self.store)
+            self.bytes_written = cells_array.nbytes_stored() + data_array.nbytes_stored()
         finally:
             self.discard()
 
-    def _write_from_matrix(self, cells_out: ShardWriter, data_out: ShardWriter) -> None:
+    def _write_from_matrix(self, cells_out: ShardedArrayWriter, data_out: ShardedArrayWriter) -> None:
         """Transpose the in-memory matrix straight into the shard buffers, one shard at a time.
 
         A shard holds the genes whose values fall in its span; the genes cut by its edges are
@@ -161,6 +148,7 @@ class GeneIndexBuilder:
         """
         indptr = self.indptr
         while (room_cells := cells_out.writable()).size:
+            check_cancelled()
             v0 = cells_out.written
             v1 = v0 + room_cells.size
             room_values = data_out.writable()[: room_cells.size]
@@ -182,13 +170,12 @@ class GeneIndexBuilder:
         gene_pos = self.indptr[a:b].copy()  # each gene's next value's place in the whole array
         gene_window_of_rows(m.perm, m.indptr, m.indices, m.data, a, b, gene_pos, v0, v1, room_cells, room_values)
 
-    def _write_from_spill(self, cells_out: ShardWriter, data_out: ShardWriter) -> None:
+    def _write_from_spill(self, cells_out: ShardedArrayWriter, data_out: ShardedArrayWriter) -> None:
         """Put each gene range's spill file in gene order and append it."""
-        # one pair of buffers for every gene range: fresh ones would be page-faulted in each time
+        # one pair of buffers for every gene range
         sizes = self.indptr[self.bounds[1:]] - self.indptr[self.bounds[:-1]]
         largest = int(sizes.max()) if sizes.size else 0
-        allocate = self.scratch.empty if self.scratch is not None else np.empty
-        cells_buf, values_buf = allocate(largest, np.dtype(np.int32)), allocate(largest, self.dtype)
+        cells_buf, values_buf = np.empty(largest, np.dtype(np.int32)), np.empty(largest, self.dtype)
         for k in range(len(self.bounds) - 1):
             check_cancelled()
             g0, g1 = int(self.bounds[k]), int(self.bounds[k + 1])
@@ -201,9 +188,6 @@ class GeneIndexBuilder:
                 order_by_gene(genes, cells, values, g0, offsets, cells_buf[:n], values_buf[:n])
             cells_out.append(cells_buf[:n])
             data_out.append(values_buf[:n])
-        if self.scratch is not None:
-            self.scratch.give_back(cells_buf)
-            self.scratch.give_back(values_buf)
 
     def discard(self) -> None:
         scratch_dir = getattr(self, "_scratch_dir", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
 from zarr.codecs import BloscCodec
 
 #: What a store says it is, and which version of this spec it follows.
@@ -35,12 +36,11 @@ BLOCK_MAX_ROWS = 1 << 16
 
 @dataclass(frozen=True)
 class BloscSettings:
-    """One codec setting used both to declare arrays and to encode shards ourselves.
+    """The Blosc setting of an array's inner chunks, recorded in the store's attributes too.
 
-    The default, LZ4 with bitshuffle, encodes and decodes Bgee counts twice as fast as zstd
-    level 1 (0.23 s against 0.50 s to encode, 0.22 s against 0.44 s to decode one 25k-cell
-    file's 38M values and indices on one core) for 12% more bytes (83 MB against 74 MB).
-    Converting and scanning are bound by the codec, so that is the better trade here.
+    The default, LZ4 with bitshuffle, encodes and decodes Bgee counts about twice as fast as
+    zstd level 1 for about 12% more bytes; converting and scanning are bound by the codec, so
+    that is the better trade here.
     """
 
     cname: str = "lz4"
@@ -48,22 +48,15 @@ class BloscSettings:
     shuffle: str = "bitshuffle"
 
     def zarr_codec(self, dtype: np.dtype) -> BloscCodec:
+        """The codec as zarr declares it for an array of ``dtype``."""
         return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, typesize=dtype.itemsize)
-
-    def numcodecs_codec(self):
-        import numcodecs
-
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[self.shuffle]
-        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle, blocksize=0)
 
 
 DEFAULT_CODEC = BloscSettings()
 
 #: The codec of the int32 index arrays (X/indices and the gene-major copy's cell positions): byte
-#: shuffle instead of bitshuffle. Measured on 80 MB of generated Bgee-like X/indices and 47 MB of
-#: gene-major positions: decoding 1.5 -> 2.0 GB/s and 2.3 -> 5.6 GB/s, encoding 1.5 -> 2.0 and
-#: 1.2 -> 1.7 GB/s, for 1% more bytes and 4% fewer. For the float values bitshuffle stays better
-#: (ratio 4.25 against 3.79, encoding 1.24 against 0.99 GB/s).
+#: shuffle instead of bitshuffle, which decodes and encodes sorted positions faster for about the
+#: same size; for the float values bitshuffle compresses better and encodes faster.
 INDEX_CODEC = BloscSettings(shuffle="shuffle")
 
 
@@ -88,8 +81,15 @@ def gene_index_relpath(store_rel: str) -> str:
     return store_rel.removesuffix(".zarr") + ".by_gene.zarr"
 
 
-def create_values_array(group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC):
-    """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above."""
+def create_values_array(
+    group: zarr.Group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC
+) -> zarr.Array:
+    """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above.
+
+    Every inner chunk is stored, even one that holds only zeros (``write_empty_chunks``): the
+    array is written whole, and a shard's chunks are then all present, as readers of earlier
+    stores found them.
+    """
     return group.create_array(
         name,
         shape=(size,),
@@ -98,10 +98,11 @@ def create_values_array(group, name: str, size: int, dtype: np.dtype, codec: Blo
         shards=(VALUES_SHARD,),
         compressors=codec.zarr_codec(np.dtype(dtype)),
         fill_value=0,
+        config={"write_empty_chunks": True},
     )
 
 
-def write_indptr_array(group, name: str, indptr: np.ndarray, codec: BloscSettings = DEFAULT_CODEC) -> None:
+def write_indptr_array(group: zarr.Group, name: str, indptr: np.ndarray, codec: BloscSettings = DEFAULT_CODEC) -> None:
     """An int64 offsets array (X/indptr and the gene index's), written whole: it is small."""
     arr = group.create_array(
         name,

@@ -4,14 +4,16 @@ The store is a plain AnnData zarr group (``anndata.read_zarr`` opens it) with ou
 attributes under ``bgee_dask``: format and version, provenance, the row blocks a query
 schedules as tasks, and ``complete``, which is written last together with the consolidated
 metadata, so that a store interrupted mid-write never claims to be whole.
+
+Everything is written through public APIs: X's arrays with ``zarr`` (sharded arrays, one whole
+shard per write, see ``array_writer``), obs, var and the empty mappings with anndata's
+``write_elem``, the consolidated metadata with ``zarr.consolidate_metadata``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
-import json
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -21,17 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.core.buffer import cpu, default_buffer_prototype
-from zarr.core.sync import sync
 
-from .._runtime import release_free_heap
+from .._runtime import map_on, release_free_heap
 from ..cancellation import check_cancelled
 from ..h5ad import value_check
 from ..h5ad.source import H5adSource
 from ..schema import DERIVED_COLUMNS, SORT_COLUMNS, value_kind
-from . import scratch
-from .consolidation import consolidate_written_store
-from .frame_encoding import encode_arrays, encode_empty_mapping, encode_frame
+from .array_writer import ShardedArrayWriter, consolidate
 from .gene_index import GeneIndexBuilder
 from .layout import (
     ATTRS_KEY,
@@ -39,6 +37,7 @@ from .layout import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_CODEC,
+    VALUES_CHUNK,
     BloscSettings,
     create_values_array,
     row_blocks,
@@ -46,7 +45,12 @@ from .layout import (
 )
 from .reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
 from .runs import runs_table
-from .shards import ShardWriter, write_gathered_shard
+
+#: Rows per chunk of every obs and var array: a query block (at most 65,536 rows) reads one or
+#: two chunks of a column.
+FRAME_CHUNK_ROWS = 1 << 16
+#: Values gathered per task when a shard of X is gathered from the in-memory matrix.
+GATHER_PIECE = 8 * VALUES_CHUNK
 
 
 @dataclass
@@ -71,12 +75,14 @@ class _StoreSink:
 
     def __init__(
         self,
-        indices: ShardWriter,
-        data: ShardWriter,
+        indices: ShardedArrayWriter,
+        data: ShardedArrayWriter,
         genes: GeneIndexBuilder | None,
         on_write: Callable[[int], None] | None = None,
+        executor: Executor | None = None,
     ):
         self.indices, self.data, self.genes, self.on_write = indices, data, genes, on_write
+        self.executor = executor
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self.gene_nnz = gene_nnz
@@ -84,15 +90,24 @@ class _StoreSink:
             self.genes.begin(dest_indptr, gene_nnz)
 
     def matrix(self, matrix: InMemoryMatrix) -> None:
-        """Gather X chunk by chunk and encode each chunk at once, one shard at a time (both arrays cut alike).
+        """Gather X one shard at a time (both arrays cut alike), straight into the writers' shard buffers.
 
-        Chunks are gathered and encoded on the writers' executor threads (the kernels release the GIL):
-        on the calling thread alone, gathering was the longest step no other core could help with.
+        A shard is gathered in pieces on the executor's threads (the kernel releases the GIL),
+        while the writers' threads write the previous shard.
         """
-        while n := write_gathered_shard(
-            [self.indices, self.data], lambda start, outs: matrix.fill_sorted(start, outs[0], outs[1])
-        ):
+        while (room_indices := self.indices.writable()).size:
             check_cancelled()
+            n = room_indices.size
+            room_data = self.data.writable()[:n]
+            start = self.indices.written
+
+            def gather(a: int, start: int = start, ri: np.ndarray = room_indices, rd: np.ndarray = room_data) -> None:
+                b = min(a + GATHER_PIECE, ri.size)
+                matrix.fill_sorted(start + a, ri[a:b], rd[a:b])
+
+            map_on(self.executor, gather, range(0, n, GATHER_PIECE))
+            self.indices.advance(n)
+            self.data.advance(n)
             if self.on_write is not None:
                 self.on_write(n)
         if self.genes is not None:
@@ -148,75 +163,54 @@ def _compact(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _write_anndata_elements(store: zarr.abc.store.Store, elements: dict[str, Any]) -> None:
-    """Write anndata elements (obs, var, empty mappings) at the root of ``store``, all objects at once.
+@contextlib.contextmanager
+def _anndata_writing() -> Iterator[None]:
+    """anndata's writer set to zarr v3 without autosharding (each array's chunks are ours), its notes silenced."""
+    import anndata  # imported where elements are written: the planning process never needs it
 
-    Data frames of the column kinds Bgee files hold are encoded directly (``frame_encoding``);
-    any other element goes through anndata's own writer, into memory first: it writes one small
-    array per column and category list, each a few round trips through zarr's event loop (0.25 s
-    per Bgee file, and hundreds of sequential requests on an object store).
+    settings: dict[str, Any] = {"zarr_write_format": 3}
+    if hasattr(anndata.settings, "auto_shard_zarr_v3"):
+        settings["auto_shard_zarr_v3"] = False
+    with anndata.settings.override(**settings), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        yield
+
+
+def _frame_chunks(n_rows: int) -> dict[str, Any]:
+    """``write_elem``'s array options for a frame of ``n_rows`` rows: chunks of ``FRAME_CHUNK_ROWS`` rows.
+
+    anndata passes the same options to every array of a frame, category lists included; a
+    chunk is cut to the frame's length so that a short frame is not padded out to a full chunk.
     """
-    objects: dict[str, bytes] = {}
-    rest: dict[str, Any] = {}
-    for name, value in elements.items():
-        encoded = None
-        if isinstance(value, pd.DataFrame):
-            encoded = encode_frame(value, name)
-        elif isinstance(value, dict) and not value:
-            encoded = encode_empty_mapping(name)
-        if encoded is None:
-            rest[name] = value
-        else:
-            objects.update(encoded)
-    if rest:
-        import anndata  # imported only here: it costs ~0.7 s, and Bgee's frames never need it
-        from anndata.io import write_elem
-
-        mem = zarr.storage.MemoryStore()
-        group = zarr.open_group(mem, mode="w", zarr_format=3)
-        with anndata.settings.override(zarr_write_format=3), warnings.catch_warnings():
-            # anndata announces a future default (autosharding) on every element; ours are explicit.
-            warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
-            for name, value in rest.items():
-                write_elem(group, name, value)
-        objects.update(_memory_objects(mem))
-    _put_all(store, objects)
+    return {"chunks": (max(1, min(n_rows, FRAME_CHUNK_ROWS)),)}
 
 
-def _memory_objects(mem: zarr.storage.MemoryStore) -> dict[str, bytes]:
-    """Every object of an in-memory store but its root metadata (the real store has its own)."""
+def _write_anndata_elements(group: zarr.Group, elements: dict[str, Any]) -> None:
+    """Write anndata elements (obs, var, empty mappings) into ``group`` with anndata's ``write_elem``."""
+    from anndata.io import write_elem
 
-    async def read() -> dict[str, bytes]:
-        prototype = default_buffer_prototype()
-        keys = [k async for k in mem.list() if k != "zarr.json"]
-        values = await asyncio.gather(*(mem.get(k, prototype) for k in keys))
-        return {k: v.to_bytes() for k, v in zip(keys, values, strict=True)}
-
-    return sync(read())
-
-
-def _put_all(store: zarr.abc.store.Store, objects: dict[str, bytes]) -> None:
-    """Write the objects concurrently (one round trip to zarr's event loop; parallel requests on S3)."""
-
-    async def put() -> None:
-        await asyncio.gather(*(store.set(k, cpu.Buffer.from_bytes(v)) for k, v in objects.items()))
-
-    sync(put())
+    with _anndata_writing():
+        for name, value in elements.items():
+            kwargs = _frame_chunks(len(value)) if isinstance(value, pd.DataFrame) else {}
+            write_elem(group, name, value, dataset_kwargs=kwargs)
 
 
 #: From this many cells on, the dropped obs frames are collected before the matrix streams: a full
-#: collection costs ~0.1 s, which pays at 1M cells (~300 MB back) but not for a 25k-cell file (~15 MB).
+#: collection pays for itself only when the frames are large.
 COLLECT_OBS_CELLS = 100_000
 
 
-def _append_obs_columns(store: zarr.abc.store.Store, columns: dict[str, np.ndarray]) -> None:
-    """Add numeric columns to the obs data frame already in ``store`` (anndata's encoding: arrays plus
-    the group's column-order, rewritten last)."""
-    meta_key = "obs/zarr.json"
-    doc = json.loads(sync(store.get(meta_key, default_buffer_prototype())).to_bytes())
-    doc["attributes"]["column-order"] = [*doc["attributes"]["column-order"], *columns]
-    _put_all(store, encode_arrays(columns, "obs"))
-    _put_all(store, {meta_key: json.dumps(doc).encode()})
+def _append_obs_columns(root: zarr.Group, columns: dict[str, np.ndarray]) -> None:
+    """Add numeric columns to the obs data frame already in ``root`` (anndata's encoding: one array per
+    column, then the group's column order, rewritten last)."""
+    from anndata.io import write_elem
+
+    obs = root["obs"]
+    assert isinstance(obs, zarr.Group)
+    with _anndata_writing():
+        for name, values in columns.items():
+            write_elem(obs, name, values, dataset_kwargs=_frame_chunks(len(values)))
+    obs.attrs["column-order"] = [*obs.attrs["column-order"], *columns]
 
 
 def load_conversion_kernels() -> None:
@@ -229,24 +223,18 @@ def load_conversion_kernels() -> None:
 
 @dataclass
 class MatrixDecoding:
-    """A source matrix being decoded on a thread of its own, into buffers of a scratch lease."""
+    """A source matrix being decoded on a thread of its own."""
 
-    lease: scratch.Lease
     future: Future | None  # None when the matrix is too large for memory and will be streamed
 
 
 @contextlib.contextmanager
 def decode_matrix(source: H5adSource, *, in_memory_nnz: int = IN_MEMORY_NNZ) -> Iterator[MatrixDecoding]:
-    """Start decoding ``source``'s matrix; leaving the block waits for the decode to end.
-
-    The scratch lease lives as long as the decode, since the decoded arrays are its buffers.
-    """
+    """Start decoding ``source``'s matrix; leaving the block waits for the decode to end."""
     value_check.warm_up_in_background()
-    with scratch.lease() as working, ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
-        future = start_decoding(
-            source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz, allocate=working.empty
-        )
-        yield MatrixDecoding(working, future)  # (the decoder's exit waits for the decode)
+    with ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-decode") as decoder:
+        future = start_decoding(source, decoder, out_dtype=source.out_dtype, in_memory_nnz=in_memory_nnz)
+        yield MatrixDecoding(future)  # (the decoder's exit waits for the decode)
 
 
 def write_experiment(
@@ -266,18 +254,20 @@ def write_experiment(
     """Write ``source`` into an empty ``store`` (and its gene-major copy into ``gene_index_store``).
 
     obs and var are written first and let go of: only three derived obs columns need the
-    matrix, and they are added at the end. A million cells' metadata held through the matrix
-    streaming made the peak memory grow with the file (1.28 GB at 1M cells). A matrix small
-    enough to be reordered in memory is decoded meanwhile, on a thread of its own: reading and
-    sorting obs holds the GIL (h5py, pandas) while decoding barely needs it, so the two overlap.
-    ``decoding`` is that decode when the caller started it already (``decode_matrix``), while the
-    source was still being opened. ``provenance`` may be a function, called only when the
-    attributes are written at the end: the source's checksum can still be computing until then.
+    matrix, and they are added at the end, so a million cells' metadata is not held while the
+    matrix streams. A matrix small enough to be reordered in memory is decoded meanwhile, on a
+    thread of its own: reading and sorting obs holds the GIL (h5py, pandas) while decoding
+    barely needs it, so the two overlap. ``decoding`` is that decode when the caller started it
+    already (``decode_matrix``), while the source was still being opened. ``provenance`` may be
+    a function, called only when the attributes are written at the end: the source's checksum
+    can still be computing until then.
+
+    On failure, no thread of this call is still writing into either store when the error is
+    raised: the caller may remove them at once.
     """
     with contextlib.ExitStack() as stack:
         if decoding is None:
             decoding = stack.enter_context(decode_matrix(source, in_memory_nnz=in_memory_nnz))
-        working, decoded = decoding.lease, decoding.future
         obs = source.take_obs()
         perm = sort_order(obs)
         obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
@@ -290,7 +280,7 @@ def write_experiment(
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         var = _compact(source.var.copy())
         elements = {"obs": obs, "var": var, **{k: {} for k in ("obsm", "varm", "obsp", "varp", "layers", "uns")}}
-        _write_anndata_elements(store, elements)
+        _write_anndata_elements(root, elements)
         del obs, elements
         if source.n_obs >= COLLECT_OBS_CELLS:
             # pandas frames hold reference cycles, and a conversion runs with the cyclic collector
@@ -303,9 +293,9 @@ def write_experiment(
         if nnz_total is None:
             nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-        data_writer = ShardWriter(create_values_array(x, "data", nnz_total, out_dtype, codec), codec, executor, working)
+        data = create_values_array(x, "data", nnz_total, out_dtype, codec)
         indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
-        indices_writer = ShardWriter(indices, index_codec, executor, working)
+        data_writer, indices_writer = ShardedArrayWriter(data), ShardedArrayWriter(indices)
         genes = None
         if gene_index_store is not None:
             genes = GeneIndexBuilder(
@@ -317,9 +307,8 @@ def write_experiment(
                 index_codec=index_codec,
                 executor=executor,
                 spill_dir=spill_dir,
-                scratch=working,
             )
-        sink = _StoreSink(indices_writer, data_writer, genes, on_write)
+        sink = _StoreSink(indices_writer, data_writer, genes, on_write, executor)
         try:
             result = stream_sorted(
                 source,
@@ -328,8 +317,7 @@ def write_experiment(
                 out_dtype=out_dtype,
                 spill_dir=spill_dir,
                 in_memory_nnz=in_memory_nnz,
-                allocate=working.empty,
-                decoded=decoded,
+                decoded=decoding.future,
             )
             data_writer.close()
             indices_writer.close()
@@ -351,7 +339,7 @@ def write_experiment(
         "total_counts": result.total_counts[perm],
         "n_genes": result.n_genes[perm],
     }
-    _append_obs_columns(store, {name: derived[name] for name in DERIVED_COLUMNS})
+    _append_obs_columns(root, {name: derived[name] for name in DERIVED_COLUMNS})
 
     blocks = row_blocks(result.indptr).tolist()
     attrs = {
@@ -371,12 +359,12 @@ def write_experiment(
         "complete": True,
     }
     root.attrs[ATTRS_KEY] = attrs
-    consolidate_written_store(store)  # what makes opening one request
+    consolidate(store)  # what makes opening one request
     return WrittenStore(
         n_cells=source.n_obs,
         n_genes=source.n_vars,
         nnz=result.nnz,
-        x_bytes=data_writer.bytes_written + indices_writer.bytes_written,
+        x_bytes=data.nbytes_stored() + indices.nbytes_stored(),
         row_blocks=blocks,
         runs=runs,
         var=source.var,

@@ -1,4 +1,4 @@
-"""obs/var written by frame_encoding (and anndata's writer where it declines) read back by anndata itself."""
+"""obs and var as the store writer writes them (anndata's ``write_elem``), read back by anndata itself."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import zarr
 from anndata.io import read_elem
 
-from bgee_dask.store import frame_encoding
-from bgee_dask.store.writer import _append_obs_columns, _write_anndata_elements
+from bgee_dask.store.writer import FRAME_CHUNK_ROWS, _append_obs_columns, _compact, _write_anndata_elements
 
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
@@ -31,22 +30,22 @@ def _frame(n: int, seed: int = 0) -> pd.DataFrame:
     )
 
 
-def _store_with(elements: dict) -> zarr.Group:
+def _group_with(elements: dict) -> zarr.Group:
     store = zarr.storage.MemoryStore()
-    zarr.open_group(store, mode="w", zarr_format=3)
-    _write_anndata_elements(store, elements)
+    _write_anndata_elements(zarr.open_group(store, mode="w", zarr_format=3), elements)
     return zarr.open_group(store, mode="r")
 
 
-@pytest.mark.parametrize("n", [0, 1, 3, frame_encoding.CHUNK_ROWS, 2 * frame_encoding.CHUNK_ROWS + 17])
-def test_encoded_frame_reads_back_through_anndata(n):
+@pytest.mark.parametrize("n", [0, 1, 3, FRAME_CHUNK_ROWS, 2 * FRAME_CHUNK_ROWS + 17])
+def test_frame_reads_back_through_anndata(n):
     df = _frame(n)
-    assert frame_encoding.encode_frame(df, "obs") is not None  # the direct path, not anndata's
-    group = _store_with({"obs": df, "obsm": {}})
+    group = _group_with({"obs": df, "obsm": {}})
     pd.testing.assert_frame_equal(read_elem(group["obs"]), df, check_index_type=False)
     assert read_elem(group["obsm"]) == {}
-    if n > frame_encoding.CHUNK_ROWS:  # chunked by rows, so a query block reads a piece of a column
-        assert group["obs"]["unique_cell_ids"].chunks == (frame_encoding.CHUNK_ROWS,)
+    # chunked by rows, so that a query block reads a piece of a column, not all of it
+    assert group["obs"]["unique_cell_ids"].chunks == (max(1, min(n, FRAME_CHUNK_ROWS)),)
+    assert group["obs"]["cellTypeId"]["codes"].chunks == (max(1, min(n, FRAME_CHUNK_ROWS)),)
+    assert group["obs"]["unique_cell_ids"].shards is None
 
 
 @pytest.mark.parametrize(
@@ -55,58 +54,45 @@ def test_encoded_frame_reads_back_through_anndata(n):
         pd.array(["a", None, "c", "d"], dtype="string"),  # text with missing values
         pd.array([True, None, False, True], dtype="boolean"),
         pd.Categorical([1, 2, 1, 2]),  # categories that are not text
-        pd.to_datetime(["2020-01-01"] * 4),
     ],
-    ids=["nullable-string", "nullable-boolean", "int-categories", "datetime"],
+    ids=["nullable-string", "nullable-boolean", "int-categories"],
 )
-def test_other_column_kinds_are_left_to_anndata(column):
+def test_other_column_kinds_read_back(column):
     import anndata
 
     df = _frame(4)
     df["other"] = column
-    assert frame_encoding.encode_frame(df, "obs") is None
-    if isinstance(column, pd.DatetimeIndex | pd.arrays.DatetimeArray):
-        with pytest.raises(Exception):  # noqa: B017 - anndata's own refusal, whatever its type
-            _store_with({"obs": df})
-        return
     with anndata.settings.override(allow_write_nullable_strings=True):
-        group = _store_with({"obs": df})
+        group = _group_with({"obs": df})
     pd.testing.assert_frame_equal(read_elem(group["obs"]), df, check_index_type=False)
 
 
-def test_named_index_and_repeated_columns_are_left_to_anndata():
+def test_named_index_kept_and_repeated_columns_refused():
     named = _frame(5)
     named.index.name = "cell_id"
-    assert frame_encoding.encode_frame(named, "obs") is None
-    back = read_elem(_store_with({"obs": named})["obs"])
+    back = read_elem(_group_with({"obs": named})["obs"])
     pd.testing.assert_frame_equal(back, named, check_index_type=False)
     assert back.index.name == "cell_id"
     repeated = _frame(5)
     repeated.columns = ["x", "x", *repeated.columns[2:]]
-    assert frame_encoding.encode_frame(repeated, "obs") is None
     with pytest.raises(ValueError, match="repeated column names"):
-        _store_with({"obs": repeated})
+        _group_with({"obs": repeated})
 
 
 def test_appended_columns_join_the_frame_in_order():
     df = _frame(70_000)
     store = zarr.storage.MemoryStore()
-    zarr.open_group(store, mode="w", zarr_format=3)
-    _write_anndata_elements(store, {"obs": df})
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    _write_anndata_elements(root, {"obs": df})
     extra = {"source_row": np.arange(len(df))[::-1].copy(), "total_counts": np.linspace(0, 1, len(df))}
-    _append_obs_columns(store, extra)
+    _append_obs_columns(root, extra)
     back = read_elem(zarr.open_group(store, mode="r")["obs"])
-    want = df.assign(**extra)
-    pd.testing.assert_frame_equal(back, want, check_index_type=False)
-    with pytest.raises(TypeError, match="not a numeric array"):
-        frame_encoding.encode_arrays({"names": np.array(["a"], dtype=object)}, "obs")
+    pd.testing.assert_frame_equal(back, df.assign(**extra), check_index_type=False)
 
 
 def test_compacted_text_with_missing_values_is_written_and_read_back():
     """Mostly unique text with missing values (anndata refuses nullable strings by default) and other text
     columns: written, and read back by anndata with the same values."""
-    from bgee_dask.store.writer import _compact
-
     n = 40
     source = pd.DataFrame(
         {
@@ -117,8 +103,7 @@ def test_compacted_text_with_missing_values_is_written_and_read_back():
         },
         index=[f"c{i}" for i in range(n)],
     )
-    compacted = _compact(source.copy())
-    back = read_elem(_store_with({"obs": compacted})["obs"])
+    back = read_elem(_group_with({"obs": _compact(source.copy())})["obs"])
     for col in source.columns:
         got = back[col].astype(object).where(back[col].notna(), None).tolist()
         want = source[col].astype(object).where(source[col].notna(), None).tolist()
