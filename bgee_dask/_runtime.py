@@ -158,25 +158,3 @@ def release_free_heap() -> None:
     arrow = sys.modules.get("pyarrow")  # only if something imported it: nothing of Arrow's to free otherwise
     if arrow is not None:
         arrow.default_memory_pool().release_unused()
-
-
-def start_numba_without_blas() -> None:
-    """Set up numba's CPU target without its BLAS check, for a process that compiles no linear algebra.
-
-    numba's first compile imports ``numba.np.arraymath``, whose BLAS check imports
-    ``scipy.linalg.cython_blas``: scipy.linalg and its OpenBLAS, whose threads start too. Of the
-    0.3 s numba takes to load the converter's first kernels, that import was half (measured
-    0.31 -> 0.15 s), paid during the first file. With the check failing, numba only gives up
-    BLAS for ``np.correlate`` and ``np.convolve`` (a plain loop instead); everything else that
-    needs BLAS checks again when it is compiled, and scipy.linalg stays importable. Called by the
-    command for itself, never by the library in someone else's process.
-    """
-    blas = "scipy.linalg.cython_blas"
-    if "numba.np.arraymath" in sys.modules or blas in sys.modules:
-        return  # numba is set up already, or the import it would skip has happened
-    sys.modules[blas] = None  # importing it now raises ImportError
-    try:
-        import numba.np.arraymath  # noqa: F401
-    finally:
-        if sys.modules.get(blas, False) is None:  # still our placeholder
-            del sys.modules[blas]

@@ -256,41 +256,6 @@ def test_real_subprocess_default_local_cluster(tmp_path, bgee_sources):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_convert_command_sets_numba_up_without_scipy_linalg(tmp_path):
-    """The command's own process converts without numba importing scipy.linalg, with the same result."""
-    src = mi.write(mi.make_adata(300, 80, seed=13), tmp_path / mi.bgee_name("SRPT00001"))
-    out = tmp_path / "atlas"
-    got = python_json(
-        "import json, sys\n"
-        "from bgee_dask.cli import run\n"
-        f"code = run(['convert', {str(src)!r}, '--out', {str(out)!r}, '--no-progress'])\n"
-        "import numba.np.arraymath as am\n"
-        "print(json.dumps({'code': code, 'linalg': 'scipy.linalg' in sys.modules, 'blas': am._HAVE_BLAS}))\n"
-    )
-    assert got == {"code": 0, "linalg": False, "blas": False}
-    mi.check_store(mi.store_path(out, "Homo_sapiens", "SRPT00001"), src, layout="doc", experiment_id="SRPT00001")
-
-
-def test_numba_without_blas_leaves_linear_algebra_working():
-    """After the command's set-up, scipy.linalg still imports and numba still compiles np.dot."""
-    got = python_json(
-        "import json, sys\n"
-        "import numpy as np\n"
-        "from bgee_dask._runtime import start_numba_without_blas\n"
-        "start_numba_without_blas()\n"
-        "skipped = 'scipy.linalg' not in sys.modules\n"
-        "import numba\n"
-        "import scipy.linalg\n"
-        "a = np.arange(6.0).reshape(2, 3)\n"
-        "dot = numba.njit(lambda x, y: np.dot(x, y))(a, a.T)\n"
-        "print(json.dumps({'skipped': skipped, 'dot': dot.tolist(), 'ref': (a @ a.T).tolist(),\n"
-        "                  'lu': scipy.linalg.lu_factor(np.eye(2))[0].tolist()}))\n"
-    )
-    assert got["skipped"] is True
-    assert got["dot"] == got["ref"]
-    assert got["lu"] == [[1.0, 0.0], [0.0, 1.0]]
-
-
 def _two_sources(tmp_path, seeds: tuple[int, int]) -> dict[str, object]:
     """Two small Bgee files, by experiment id."""
     return {
