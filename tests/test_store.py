@@ -489,7 +489,9 @@ def test_index_arrays_use_the_index_codec(tmp_path, monkeypatch):
         (genes, "indices", INDEX_CODEC),
     ]:
         inner = zarr.open_array(zarr.storage.LocalStore(path), path=name, mode="r").metadata.codecs[0].codecs[1]
-        assert (inner.cname.value, inner.shuffle.value) == (want.cname, want.shuffle), (path, name)
+        # enums up to zarr 3.3, plain strings from 3.4 on: read the setting's text either way
+        found = (getattr(inner.cname, "value", inner.cname), getattr(inner.shuffle, "value", inner.shuffle))
+        assert found == (want.cname, want.shuffle), (path, name)
     attrs = zarr.open_group(zarr.storage.LocalStore(out), mode="r").attrs["bgee_dask"]
     assert attrs["index_codec"]["shuffle"] == "shuffle" and attrs["codec"]["shuffle"] == "bitshuffle"
     stored, ref = ad.read_zarr(out), ad.read_h5ad(source)
