@@ -828,10 +828,15 @@ def _write_var(f: h5py.File, uni: GeneUniverse, measured: np.ndarray, dkw: dict[
     ids = uni.gene_ids[measured]
     symbols = uni.symbols[measured]
     sym = pd.Categorical(symbols)
+    # object dtype, as Bgee's files have it: with pandas 3 plain text would be written as
+    # anndata's nullable-string-array, a layout no Bgee release has
     var = pd.DataFrame(
-        {"gene_id": ids, "feature_name": sym if len(sym.categories) < len(sym) else symbols},
-        index=pd.Index(ids),
+        {
+            "gene_id": pd.Series(ids, dtype=object),
+            "feature_name": sym if len(sym.categories) < len(sym) else pd.Series(symbols, dtype=object),
+        }
     )
+    var.index = pd.Index(ids, dtype=object)
     write_elem(f, "var", var, dataset_kwargs=dkw)
 
 

@@ -410,22 +410,6 @@ def test_frame_reader_hands_other_encodings_to_anndata(tmp_path):
         pd.testing.assert_frame_equal(plain, ad.io.read_elem(f["plain"]), check_exact=True)
 
 
-def test_converting_bgee_files_does_not_import_anndata(tmp_path, bgee_sources):
-    """anndata costs ~0.7 s to import; a conversion of Bgee's files must not need it."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, bgee_dask\n"
-        f"r = bgee_dask.convert([{str(bgee_sources['SRPT00004'])!r}, {str(bgee_sources['SRPT00002.B'])!r}], "
-        f"{str(tmp_path / 'atlas')!r}, workers=1, progress=False)\n"
-        "assert all(x.status == 'converted' for x in r), [x.message for x in r]\n"
-        "print('anndata' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_on_matrix_runs_before_the_frames_are_read(bgee_sources):
     """The hook sees an open, checked matrix (shape, counts) while obs and var are still unread."""
     seen = {}

@@ -16,10 +16,13 @@ def group_codes(frame: pd.DataFrame, by: list[str]) -> tuple[np.ndarray, list[tu
         return np.zeros(len(frame), dtype=np.int32), [()]
     codes, uniques = [], []
     for c in by:
-        values = frame[c].astype(object).where(frame[c].notna(), None)
-        code, uniq = pd.factorize(values, use_na_sentinel=False)
+        # missing is None whatever marks it (None, NaN, pd.NA: pandas 3's text columns use NaN)
+        code, uniq = pd.factorize(frame[c].astype(object), use_na_sentinel=True)
+        if (code < 0).any():
+            code = np.where(code < 0, len(uniq), code)
+            uniq = [*uniq, None]
         codes.append(code)
-        uniques.append([None if (u is None or (isinstance(u, float) and np.isnan(u))) else u for u in uniq])
+        uniques.append(list(uniq))
     stacked = np.stack(codes, axis=1)
     combos, inverse = np.unique(stacked, axis=0, return_inverse=True)
     keys = [tuple(_plain(uniques[i][k]) for i, k in enumerate(combo)) for combo in combos]
