@@ -415,13 +415,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     write_result(ds, args.out)
     print(f"{ds.sizes['group']} groups x {ds.sizes['gene']} genes, {int(ds['n_cells'].sum()):,} cells -> {args.out}")
     if args.plot:
-        if ds.sizes["group"] == 0:
-            print("no cell matched: no plot drawn", file=sys.stderr)
-        else:
-            from .query.plot import dot_plot
-
-            dot_plot(plot_ds, args.plot)
-            print(f"dot plot -> {args.plot}")
+        _draw_dot_plot(plot_ds, args.plot)
     return 0
 
 
@@ -485,14 +479,18 @@ def _cmd_query_pseudobulk(args: argparse.Namespace) -> int:
         f"(not measured in every group's experiments){'; sums rounded to integers' if pb.uns['counts_rounded'] else ''}"
     )
     if plot_ds is not None:
-        if plot_ds.sizes["group"] == 0:
-            print("no cell matched: no plot drawn", file=sys.stderr)
-        else:
-            from .query.plot import dot_plot
-
-            dot_plot(plot_ds, args.plot)
-            print(f"dot plot -> {args.plot}")
+        _draw_dot_plot(plot_ds, args.plot)
     return 0
+
+
+def _draw_dot_plot(ds: Any, path: str) -> None:
+    if ds.sizes["group"] == 0:
+        print("no cell matched: no plot drawn", file=sys.stderr)
+        return
+    from .query.plot import dot_plot
+
+    dot_plot(ds, path)
+    print(f"dot plot -> {path}")
 
 
 def _cmd_expression(args: argparse.Namespace) -> int:

@@ -32,20 +32,27 @@ def private_dir(purpose: str, parent: str | None = None) -> Iterator[str]:
         os.close(fd)
 
 
-def _owned(path: str) -> bool:
-    """Whether a live process holds the folder's lock (a folder without one is not ours to judge)."""
-    lock = os.path.join(path, LOCK_NAME)
+def flock_held(path: str) -> bool | None:
+    """Whether some open file holds an ``flock`` on ``path``; None when there is no such file.
+
+    The probe takes the lock without waiting and drops it at once (closing its descriptor).
+    """
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)  # closing drops the probe's own lock
+        os.close(fd)
     return False
+
+
+def _owned(path: str) -> bool:
+    """Whether a live process holds the folder's lock (a folder without one is not ours to judge)."""
+    return flock_held(os.path.join(path, LOCK_NAME)) is not False
 
 
 def sweep_stale(parent: str | None = None) -> list[str]:

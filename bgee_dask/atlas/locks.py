@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ..workdirs import flock_held
 from .location import TMP_MARK, AtlasLocation
 from .paths import LOCK_FILE, LOCK_OBJECT
 
@@ -159,18 +160,7 @@ def writer_lease(loc: AtlasLocation, folder: str, name: str) -> Iterator[None]:
 def lease_alive(loc: AtlasLocation, rel: str, ttl: float = WRITER_LEASE_TTL) -> bool:
     """Whether a live writer holds the lease at ``rel`` (False where there is none)."""
     if loc.is_local:
-        path = loc.path(rel)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return bool(flock_held(loc.path(rel)))
     found = loc.stat(rel)
     return found is not None and time.time() - found[1] <= ttl
 
