@@ -668,7 +668,7 @@ def part_throughput(
     # the disk has room: on this machine's ext4 (no journal), creating a file scans past the
     # inodes deleted in the last 60-360 s, so deleting one run's output made the next writer pay
     # for it (perf: 5% of a conversion's CPU) and the floor, which writes nothing, not. Two full
-    # runs, with and without the deletions, differed by less than their noise (results-s13*.md).
+    # runs, with and without the deletions, differed by less than their noise.
     writers = sum(1 for _, _, args in contenders if "out" in args)
     need = 1.6 * sum(manifest["bytes"]) * writers * repeats  # bgee-dask's stores with the gene index: 1.5x
     keep = keep_outputs and shutil.disk_usage(out).free > need + 5e9
