@@ -71,16 +71,6 @@ def row_blocks(indptr: np.ndarray, block_nnz: int = BLOCK_NNZ, max_rows: int = B
     return np.asarray(bounds, dtype=np.int64)
 
 
-def store_relpath(species: str, experiment_id: str) -> str:
-    """Where an experiment's store lives inside an atlas."""
-    return f"{species}/{experiment_id}.zarr"
-
-
-def gene_index_relpath(store_rel: str) -> str:
-    """Where an experiment's gene-major copy lives, beside its store."""
-    return store_rel.removesuffix(".zarr") + ".by_gene.zarr"
-
-
 def create_values_array(
     group: zarr.Group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC
 ) -> zarr.Array:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from queue import Full, Queue
@@ -103,12 +103,10 @@ def stream_sorted(
     in_memory_nnz: int = IN_MEMORY_NNZ,
     bucket_nnz: int = BUCKET_NNZ,
     read_nnz: int = READ_NNZ,
-    allocate: Callable[[int, np.dtype], np.ndarray] = np.empty,
     decoded: Future | None = None,
 ) -> ReorderResult:
     """Feed ``sink`` the rows ``perm[0], perm[1], ...`` in that order, in blocks.
 
-    ``allocate`` makes the in-memory matrix's arrays (``np.empty`` or a scratch lease's);
     ``decoded`` is the matrix already being decoded by ``start_decoding``, if it was started.
     """
     n = source.n_obs
@@ -116,7 +114,7 @@ def stream_sorted(
         if decoded is not None:
             indptr, indices, data, scan = decoded.result()
         else:
-            indptr, indices, data, scan = _read_all_csr(source, read_nnz, np.dtype(out_dtype), allocate)
+            indptr, indices, data, scan = _read_all_csr(source, read_nnz, np.dtype(out_dtype))
         dest_indptr = _permuted_indptr(indptr, perm)
         sink.begin(dest_indptr, scan.gene_nnz)
         sink.matrix(InMemoryMatrix(perm, indptr, indices, data, dest_indptr))
@@ -206,7 +204,6 @@ def start_decoding(
     out_dtype: np.dtype,
     in_memory_nnz: int = IN_MEMORY_NNZ,
     read_nnz: int = READ_NNZ,
-    allocate: Callable[[int, np.dtype], np.ndarray] = np.empty,
 ) -> Future | None:
     """Decode the whole matrix on ``executor`` when it will be reordered in memory (``None`` otherwise).
 
@@ -215,7 +212,7 @@ def start_decoding(
     """
     if not _fits_in_memory(source, in_memory_nnz):
         return None
-    return executor.submit(_read_all_csr, source, read_nnz, np.dtype(out_dtype), allocate)
+    return executor.submit(_read_all_csr, source, read_nnz, np.dtype(out_dtype))
 
 
 def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:
@@ -285,7 +282,7 @@ def _even_bounds(n: int, max_row: int, bucket_nnz: int) -> np.ndarray:
 
 
 def _read_all_csr(
-    source: H5adSource, read_nnz: int, out_dtype: np.dtype, allocate: Callable[[int, np.dtype], np.ndarray] = np.empty
+    source: H5adSource, read_nnz: int, out_dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowScan]:
     """The whole matrix as CSR with sorted rows, and its row and gene summary."""
     if source.format == "csc":
@@ -304,8 +301,8 @@ def _read_all_csr(
     else:
         # Decoded straight into arrays of the final size: one copy of the matrix in memory, not two.
         indptr = np.asarray(source.indptr, dtype=np.int64)
-        indices = allocate(source.nnz, np.dtype(np.int32))
-        data = allocate(source.nnz, out_dtype)
+        indices = np.empty(source.nnz, np.int32)
+        data = np.empty(source.nnz, out_dtype)
         scan = source.read_csr_into(indices, data, nnz_per_block=read_nnz)
         if scan.unsorted:  # anndata writes rows sorted, but nothing guarantees it
             sort_row_indices(indptr, indices, data)
