@@ -119,3 +119,40 @@ def test_s3_lock_left_by_a_killed_writer_is_reported_stale_and_taken_over(
     assert reports[0].status == "converted", reports[0].line()
     assert bd.check(atlas, storage_options=options).clean
     assert sorted(bd.open_atlas(atlas, options).experiments["experimentId"]) == ["SRPT00004", "SRPT00007"]
+
+
+@pytest.mark.services
+def test_s3_reconversion_leaves_one_version_and_no_empty_folders(s3_server, s3_bucket, bgee_sources):
+    """A replaced version is gone from every listing, also on a server that keeps emptied folders.
+
+    SeaweedFS, like any S3 server built on a file tree, still lists a folder once its objects are
+    deleted: the replaced version showed up as an orphan in ``check``. Empty folders that an
+    interrupted removal left (made here by deleting only the objects) are removed by ``--repair``.
+    """
+    atlas = f"s3://{s3_bucket}/atlas"
+    options = s3_server.storage_options()
+    for _ in range(2):
+        reports = bd.convert(
+            [bgee_sources["SRPT00004"]], atlas, storage_options=options, workers=1, progress=False, overwrite=True
+        )
+        assert reports[0].status == "converted", reports[0].line()
+    client = s3_server.boto3_client()
+    experiment = "atlas/experiments/Homo_sapiens/SRPT00004/"
+
+    def listed(prefix: str) -> list[str]:
+        page = client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix, Delimiter="/")
+        return [p["Prefix"] for p in page.get("CommonPrefixes", [])] + [o["Key"] for o in page.get("Contents", [])]
+
+    header = bd.open_atlas(atlas, options).catalog.header
+    assert listed(experiment) == [f"{experiment}{header['experiments']['Homo_sapiens/SRPT00004']}/"]
+    assert bd.check(atlas, storage_options=options).clean
+    # a folder tree whose objects are gone but whose folders the server still lists
+    for key in ("v-left/cells.zarr/X/zarr.json", "v-left/runs.parquet"):
+        client.put_object(Bucket=s3_bucket, Key=f"{experiment}{key}", Body=b"{}")
+        client.delete_object(Bucket=s3_bucket, Key=f"{experiment}{key}")
+    assert f"{experiment}v-left/" in listed(experiment)
+    report = bd.check(atlas, storage_options=options)
+    assert [(f.kind, f.path) for f in report.findings] == [("orphan", "experiments/Homo_sapiens/SRPT00004/v-left")]
+    bd.check(atlas, storage_options=options, repair=True)
+    assert f"{experiment}v-left/" not in listed(experiment)
+    assert bd.check(atlas, storage_options=options).clean

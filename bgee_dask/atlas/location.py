@@ -147,6 +147,11 @@ def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def _deepest_first(folders: set[str]) -> list[str]:
+    """Folder keys (``<folder>/``), children before their parents."""
+    return [f"{f}/" for f in sorted(folders, key=lambda f: f.count("/"), reverse=True)]
+
+
 class AtlasLocation:
     """A root URL plus the options needed to reach it; picklable, so tasks can carry it."""
 
@@ -447,6 +452,7 @@ class AtlasLocation:
         return sorted(p[len(prefix) :] for p in paths if p.startswith(prefix))
 
     def remove(self, rel: str) -> None:
+        """Remove a file or a folder with everything in it; nothing if there is none."""
         target = self.path(rel)
         with self._translated():
             if self.is_local:
@@ -454,8 +460,60 @@ class AtlasLocation:
                     shutil.rmtree(target)
                 elif os.path.lexists(target):
                     os.remove(target)
+            elif self.protocol in ("s3", "s3a"):
+                self._remove_s3_tree(target)
             elif self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
+
+    def _remove_s3_tree(self, target: str) -> None:
+        """Delete every object under ``target`` and the folder entries a server may keep for them.
+
+        S3 has no folders, but servers built on a file tree (SeaweedFS) keep a folder emptied of
+        its objects, and list it: a removed version would then still be listed. Deleting the key
+        ``<folder>/``, deepest first, removes such an entry once it is empty; where none exists
+        (S3) that delete is a no-op.
+        """
+        bucket, _, key = target.partition("/")
+        self.fs.invalidate_cache(target)
+        names = (p.partition("/")[2] for p in self.fs.find(target))
+        objects = [name for name in names if name == key or name.startswith(f"{key}/")]
+        folders = {key}
+        for name in objects:
+            parent = os.path.dirname(name)
+            while len(parent) > len(key):
+                folders.add(parent)
+                parent = os.path.dirname(parent)
+        if key in objects:  # ``target`` is an object itself
+            folders.discard(key)
+        self._delete_keys(bucket, objects + _deepest_first(folders))
+        left = self._listed_folders(bucket, key)  # empty folders an earlier, interrupted removal left
+        if left:
+            self._delete_keys(bucket, _deepest_first(left | {key}))
+        self.fs.invalidate_cache(target)
+
+    def _delete_keys(self, bucket: str, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys, deleted in order
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def _listed_folders(self, bucket: str, key: str) -> set[str]:
+        """The folders a delimited listing shows below ``key``, recursively (none on S3 once it is empty)."""
+        found: set[str] = set()
+        pending = [key]
+        while pending:
+            prefix, token = pending.pop(), {}
+            while True:
+                page = self.fs.call_s3(
+                    "list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/", Delimiter="/", **token
+                )
+                for sub in page.get("CommonPrefixes") or []:
+                    folder = sub["Prefix"].rstrip("/")
+                    found.add(folder)
+                    pending.append(folder)
+                if not page.get("IsTruncated"):
+                    break
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+        return found
 
     def size(self, rel: str) -> int:
         with self._translated():
