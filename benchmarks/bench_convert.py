@@ -154,7 +154,7 @@ def _floor_file(
     import numcodecs
 
     numcodecs.blosc.use_threads = False  # parallelism comes from our pool, as in the converter
-    from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC  # the store's own codecs
+    from bgee_dask.format.layout import DEFAULT_CODEC, INDEX_CODEC  # the store's own codecs
 
     codecs = {"X/data": DEFAULT_CODEC, "X/indices": INDEX_CODEC, "X/indptr": DEFAULT_CODEC}
     stats = {"decoded_bytes": 0, "encoded_bytes": 0}
@@ -189,9 +189,9 @@ def _floor_required(path: str, arrays: dict[str, Any], n_genes: int, executor) -
 
     import numpy as np
 
-    from bgee_dask.h5ad.value_check import scan_csr
-    from bgee_dask.store.csr_kernels import gather_value_range
-    from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC
+    from bgee_dask.converter.csr_kernels import gather_value_range
+    from bgee_dask.format.layout import DEFAULT_CODEC, INDEX_CODEC
+    from bgee_dask.sources.value_check import scan_csr
 
     with open(path, "rb") as fh:
         hashlib.file_digest(fh, "sha256")
@@ -225,8 +225,8 @@ def _floor_gene_major(arrays: dict[str, Any], n_genes: int, executor) -> int:
     """
     import numpy as np
 
-    from bgee_dask.store.csr_kernels import count_values_per_gene, gene_window_of_rows
-    from bgee_dask.store.layout import DEFAULT_CODEC, INDEX_CODEC
+    from bgee_dask.converter.csr_kernels import count_values_per_gene, gene_window_of_rows
+    from bgee_dask.format.layout import DEFAULT_CODEC, INDEX_CODEC
 
     data, indices = arrays["X/data"], arrays["X/indices"]
     indptr = arrays["X/indptr"].astype(np.int64)
@@ -266,7 +266,7 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     # "startup" is everything from process creation to t_work.
     if kind == "bgee":
         import bgee_dask
-        import bgee_dask.atlas.convert  # h5py, anndata, zarr, pandas, numba kernels
+        import bgee_dask.api.convert  # h5py, anndata, zarr, pandas, numba kernels
 
         t_work = time.perf_counter()
         kw = {k: args[k] for k in ("workers", "gene_index") if args.get(k) is not None}

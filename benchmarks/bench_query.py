@@ -225,8 +225,8 @@ def child_bgee(args: dict[str, Any]) -> dict[str, Any]:
     import distributed  # noqa: F401  (bgee-dask looks for a client)
 
     import bgee_dask as bd
+    import bgee_dask.api.query
     import bgee_dask.query.blocks
-    import bgee_dask.query.query
 
     out: dict[str, Any] = {"bgee_dask_path": os.path.dirname(os.path.dirname(bd.__file__))}
     if args["mode"] == "cluster":

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from bgee_dask._version import __version__
 
 __all__ = ["Atlas", "BgeeInputError", "StorageAccessError", "__version__", "check", "convert", "open_atlas"]
 
 _LAZY = {
-    "convert": ("bgee_dask.atlas.convert", "convert"),
-    "open_atlas": ("bgee_dask.query.atlas", "open_atlas"),
-    "Atlas": ("bgee_dask.query.atlas", "Atlas"),
+    "convert": ("bgee_dask.api.convert", "convert"),
+    "open_atlas": ("bgee_dask.api.atlas", "open_atlas"),
+    "Atlas": ("bgee_dask.api.atlas", "Atlas"),
     "BgeeInputError": ("bgee_dask.schema", "BgeeInputError"),
-    "StorageAccessError": ("bgee_dask.atlas.location", "StorageAccessError"),
-    "check": ("bgee_dask.atlas.check", "check"),
+    "StorageAccessError": ("bgee_dask.format.location", "StorageAccessError"),
+    "check": ("bgee_dask.catalog.check", "check"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .atlas.check import check
-    from .atlas.convert import convert
-    from .atlas.location import StorageAccessError
-    from .query.atlas import Atlas, open_atlas
-    from .schema import BgeeInputError
+    from bgee_dask.api.atlas import Atlas, open_atlas
+    from bgee_dask.api.convert import convert
+    from bgee_dask.catalog.check import check
+    from bgee_dask.format.location import StorageAccessError
+    from bgee_dask.schema import BgeeInputError
 
 
 def __getattr__(name: str) -> Any:

@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._version import __version__
-from .cancellation import Cancelled, check_cancelled, stop_on_signals
-from .query.preload import PRELOAD_MODULE
+from bgee_dask._version import __version__
+from bgee_dask.cancellation import Cancelled, check_cancelled, stop_on_signals
+from bgee_dask.query.preload import PRELOAD_MODULE
 
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
@@ -298,7 +298,7 @@ def _remote_client(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def _client(args: argparse.Namespace, preload: tuple[str, ...] = ()):
-    from .cluster import client_for
+    from bgee_dask.cluster import client_for
 
     with client_for(**_cluster_kwargs(args), preload=preload) as client:
         if args.cluster:
@@ -307,7 +307,7 @@ def _client(args: argparse.Namespace, preload: tuple[str, ...] = ()):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .atlas.convert import convert
+    from bgee_dask.api.convert import convert
 
     kwargs = dict(
         overwrite=args.overwrite,
@@ -338,9 +338,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .atlas.catalog import AtlasCatalog
-    from .atlas.location import AtlasLocation
-    from .query.names import queryable_columns
+    from bgee_dask.catalog.reader import AtlasCatalog
+    from bgee_dask.format.location import AtlasLocation
+    from bgee_dask.query.names import queryable_columns
 
     catalog = AtlasCatalog(AtlasLocation(args.atlas))
     summary = catalog.summary()
@@ -393,8 +393,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     _check_local_output(args.out, suffixes=(".csv", ".parquet", ".pq", ".nc"))
     if args.plot:
         _check_local_output(args.plot, suffixes=(".png", ".pdf", ".svg"))
-    from .query.atlas import open_atlas
-    from .query.export import write_result
+    from bgee_dask.api.atlas import open_atlas
+    from bgee_dask.query.export import write_result
 
     atlas = open_atlas(args.atlas)
     normalize = None if args.normalize == "none" else args.normalize
@@ -448,7 +448,7 @@ def _check_local_output(path: str, *, suffixes: tuple[str, ...]) -> None:
 
 def _cmd_query_pseudobulk(args: argparse.Namespace) -> int:
     """``query --out X.h5ad``: the pseudobulk AnnData (summed raw counts per group) for PyDESeq2 and decoupler."""
-    from .query.atlas import open_atlas
+    from bgee_dask.api.atlas import open_atlas
 
     _check_local_output(args.out, suffixes=(".h5ad",))
     if args.plot:
@@ -487,15 +487,15 @@ def _draw_dot_plot(ds: Any, path: str) -> None:
     if ds.sizes["group"] == 0:
         print("no cell matched: no plot drawn", file=sys.stderr)
         return
-    from .query.plot import dot_plot
+    from bgee_dask.query.plot import dot_plot
 
     dot_plot(ds, path)
     print(f"dot plot -> {path}")
 
 
 def _cmd_expression(args: argparse.Namespace) -> int:
-    from .query.atlas import open_atlas
-    from .query.expression import expression_dataset, expression_frame, format_expression_table
+    from bgee_dask.api.atlas import open_atlas
+    from bgee_dask.api.expression import expression_dataset, expression_frame, format_expression_table
 
     if args.out:
         _check_local_output(args.out, suffixes=(".csv", ".tsv", ".parquet"))
@@ -530,7 +530,7 @@ def _cmd_expression(args: argparse.Namespace) -> int:
         if ds.sizes["group"] == 0:
             print("no cell matched: no plot drawn", file=sys.stderr)
         else:
-            from .query.plot import dot_plot
+            from bgee_dask.query.plot import dot_plot
 
             symbols = ds["gene_symbol"].values if "gene_symbol" in ds.coords else ds["gene"].values
             shown = ", ".join(str(s) if s else str(g) for s, g in zip(symbols, ds["gene"].values, strict=True))
@@ -541,7 +541,7 @@ def _cmd_expression(args: argparse.Namespace) -> int:
 
 
 def _cmd_values(args: argparse.Namespace) -> int:
-    from .query.atlas import open_atlas
+    from bgee_dask.api.atlas import open_atlas
 
     table = open_atlas(args.atlas).values(args.column, filter=args.filter)
     if args.json:
@@ -562,8 +562,8 @@ def _cmd_values(args: argparse.Namespace) -> int:
 
 def _with_experiment_names(atlas: str, summary: dict[str, Any]) -> dict[str, Any]:
     """``summary`` with each experiment's ``name`` from Bgee's annotations, where the atlas has them."""
-    from .atlas.annotations import read_experiment_annotations
-    from .atlas.location import AtlasLocation
+    from bgee_dask.catalog.annotations import read_experiment_annotations
+    from bgee_dask.format.location import AtlasLocation
 
     notes = read_experiment_annotations(AtlasLocation(atlas))
     if "name" in notes:
@@ -576,8 +576,8 @@ def _with_experiment_names(atlas: str, summary: dict[str, Any]) -> dict[str, Any
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .bgee.download import DEFAULT_JOBS, list_experiments, run_download
-    from .bgee.releases import DEFAULT_BASE_URL
+    from bgee_dask.bgee.download import DEFAULT_JOBS, list_experiments, run_download
+    from bgee_dask.bgee.releases import DEFAULT_BASE_URL
 
     base_url = args.base_url or DEFAULT_BASE_URL
     if args.list:
@@ -640,7 +640,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .synthetic import generate_sources
+    from bgee_dask.synthetic import generate_sources
 
     paths = generate_sources(
         args.out,
@@ -657,7 +657,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from bgee_dask.demo import run_demo
 
     if _remote_client(args):
         # the demo's convert and query use the current client: this one
@@ -667,8 +667,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .atlas.check import check_atlas
-    from .atlas.location import AtlasLocation
+    from bgee_dask.catalog.check import check_atlas
+    from bgee_dask.format.location import AtlasLocation
 
     report = check_atlas(AtlasLocation(args.atlas), repair=args.repair)
     if args.json:

@@ -217,7 +217,7 @@ def client_for(
             if failure is not None:
                 raise failure
         return
-    from ._runtime import local_client
+    from bgee_dask._runtime import local_client
 
     kwargs: dict[str, Any] = {"memory_limit": memory_limit} if memory_limit else {}
     if preload:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 
-from .atlas.convert import convert
-from .query.atlas import open_atlas
-from .query.export import write_result
-from .query.plot import dot_plot
-from .synthetic import generate_sources
+from bgee_dask.api.atlas import open_atlas
+from bgee_dask.api.convert import convert
+from bgee_dask.query.export import write_result
+from bgee_dask.query.plot import dot_plot
+from bgee_dask.synthetic import generate_sources
 
 #: Marker genes of the generator are not named; the demo shows the genes that vary most instead.
 DEMO_EXPERIMENTS = 6

@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 from anndata.io import write_elem
 
-from ._jit import numba
-from .schema import PLACEHOLDER_CELL_TYPE, SPECIES_TAXON
+from bgee_dask._jit import numba
+from bgee_dask.schema import PLACEHOLDER_CELL_TYPE, SPECIES_TAXON
 
 __all__ = [
     "CELL_TYPES",

@@ -19,8 +19,6 @@ import pandas as pd
 import pytest
 
 import bgee_dask as bd
-from bgee_dask.atlas.annotations import read_experiment_annotations, read_library_annotations
-from bgee_dask.atlas.location import AtlasLocation
 from bgee_dask.bgee import (
     BgeeDataError,
     IncompleteDownload,
@@ -33,7 +31,9 @@ from bgee_dask.bgee import transfer as transfer_module
 from bgee_dask.bgee.annotation import read_annotation
 from bgee_dask.bgee.download import run_download
 from bgee_dask.bgee.releases import absolute_url, parse_releases
+from bgee_dask.catalog.annotations import read_experiment_annotations, read_library_annotations
 from bgee_dask.cli import _parser, main
+from bgee_dask.format.location import AtlasLocation
 
 from .bgee_ftp import EXPERIMENT_NAMES, LAST_MODIFIED, BgeeFtp, bgee_ftp, ftp_content, tar_gz, tsv
 

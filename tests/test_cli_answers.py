@@ -60,7 +60,7 @@ def test_query_out_h5ad_writes_the_pseudobulk(atlas_dir, source_obs, tmp_path, c
 
 
 def test_query_min_cells_and_bad_outputs_fail_before_computing(atlas_dir, tmp_path, capsys, monkeypatch):
-    import bgee_dask.query.query as query_module
+    import bgee_dask.api.query as query_module
 
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before checking the output")

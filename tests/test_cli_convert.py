@@ -275,10 +275,10 @@ def test_kernels_are_loaded_before_the_first_file(tmp_path):
     out = tmp_path / "atlas"
     got = python_json(
         "import json, threading\n"
-        "import bgee_dask.atlas.convert as conv\n"
+        "import bgee_dask.api.convert as conv\n"
         "seen, real = [], conv.convert_file\n"
         "def spy(*a, **k):\n"
-        "    from bgee_dask.store import csr_kernels\n"
+        "    from bgee_dask.converter import csr_kernels\n"
         "    warm_up = any(t.name == 'bgee-dask-warm-up' for t in threading.enumerate())\n"
         "    seen.append([len(csr_kernels.gather_value_range.signatures), warm_up])\n"
         "    return real(*a, **k)\n"

@@ -17,11 +17,11 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from bgee_dask.atlas.catalog import AtlasCatalog
-from bgee_dask.atlas.check import check_atlas
-from bgee_dask.atlas.commit import consolidate
-from bgee_dask.atlas.convert import convert
-from bgee_dask.atlas.location import AtlasLocation
+from bgee_dask.api.convert import convert
+from bgee_dask.catalog.check import check_atlas
+from bgee_dask.catalog.commit import consolidate
+from bgee_dask.catalog.reader import AtlasCatalog
+from bgee_dask.format.location import AtlasLocation
 
 from . import make_inputs as mi
 
@@ -76,7 +76,7 @@ def variant_atlas(tmp_path_factory, bgee_sources):
 
     from dask.callbacks import Callback
 
-    import bgee_dask.atlas.convert as conv
+    import bgee_dask.api.convert as conv
 
     out = tmp_path_factory.mktemp("variants") / "atlas"
     calls, tasks, threads_used = [], [], []
@@ -408,7 +408,7 @@ def test_bad_inputs_fail_cleanly_and_others_convert(tmp_path, bgee_sources):
 
 def test_late_bad_value_on_spill_path_leaves_nothing(tmp_path, monkeypatch):
     """A NaN in the last block is only seen after shards were written: the partial store must go."""
-    import bgee_dask.atlas.convert as conv
+    import bgee_dask.api.convert as conv
 
     path = _make_bad("late_nan", tmp_path / "in" / mi.bgee_name("SRPT81011"), Path())
     real_convert_file = conv.convert_file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bgee_dask.atlas.gene_alignment import align_genes
+from bgee_dask.catalog.gene_alignment import align_genes
 
 # (experiment, species, gene_id, gene_symbol): e1/e2 name genes by id, s1/s2 by symbol, m1 is another species
 ROWS = [
@@ -73,7 +73,7 @@ def test_missing_symbols_as_nan_are_missing():
 
 def test_membership_by_sorting_gives_the_same_keys(monkeypatch):
     """Past a size, membership is tested by sorting instead of a table of flags: same rule, same keys."""
-    from bgee_dask.atlas import gene_alignment
+    from bgee_dask.catalog import gene_alignment
 
     monkeypatch.setattr(gene_alignment, "_FLAG_TABLE_MAX", 0)
     exp, species, gene_id, symbol = (np.asarray(c, dtype=object) for c in zip(*ROWS, strict=True))

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from bgee_dask.h5ad import frame_reader, value_check
-from bgee_dask.h5ad.chunks import ChunkedReader
-from bgee_dask.h5ad.source import H5adSource
 from bgee_dask.schema import BgeeInputError, detect_layout, parse_bgee_filename
+from bgee_dask.sources import frame_reader, value_check
+from bgee_dask.sources.chunks import ChunkedReader
+from bgee_dask.sources.h5ad import H5adSource
 
 from . import make_inputs as mi
 

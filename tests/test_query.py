@@ -402,7 +402,7 @@ def _assert_lookup_matches_pandas(lookup, table: pd.DataFrame) -> None:
 @pytest.mark.parametrize("categorical", [True, False], ids=["categorical", "plain"])
 def test_gene_lookup_from_table_matches_pandas(categorical):
     """The planner's gene lookup against pandas' own grouping of the same table (with unused categories and NaN)."""
-    from bgee_dask.atlas.catalog import GeneLookup
+    from bgee_dask.catalog.reader import GeneLookup
 
     table = _genes_table(categorical)
     _assert_lookup_matches_pandas(GeneLookup.from_table(table), table)
@@ -414,8 +414,8 @@ def test_gene_lookup_from_arrow_and_from_its_file_match_pandas(categorical, tmp_
     consolidation writes (read back only for the catalog it was written for)."""
     import pyarrow.parquet as pq
 
-    from bgee_dask.atlas.catalog import GeneLookup
-    from bgee_dask.atlas.location import AtlasLocation
+    from bgee_dask.catalog.reader import GeneLookup
+    from bgee_dask.format.location import AtlasLocation
 
     table = _genes_table(categorical)
     table.to_parquet(tmp_path / "genes.parquet", index=False)
@@ -436,9 +436,9 @@ def test_catalog_plans_from_its_gene_lookup_file(tmp_path, atlas, monkeypatch):
     table, with the same plan."""
     import shutil
 
-    from bgee_dask.atlas import catalog as catalog_mod
-    from bgee_dask.atlas.commit import consolidate
-    from bgee_dask.atlas.location import AtlasLocation
+    from bgee_dask.catalog import reader as catalog_mod
+    from bgee_dask.catalog.commit import consolidate
+    from bgee_dask.format.location import AtlasLocation
 
     root = tmp_path / "atlas"
     shutil.copytree(atlas.catalog.location.path(), root)
@@ -498,7 +498,7 @@ def test_a_catalog_1x_atlas_is_refused_with_a_rebuild_hint(tmp_path, atlas):
 
     import pyarrow.parquet as pq
 
-    from bgee_dask.atlas import catalog as catalog_mod
+    from bgee_dask.catalog import reader as catalog_mod
 
     root = tmp_path / "atlas"
     shutil.copytree(atlas.catalog.location.path(), root)
@@ -585,7 +585,7 @@ def test_resolve_genes_by_id_and_symbol_among_queried_experiments():
     """Gene names against hand-worked answers: ids first, then symbols (one symbol may name several ids)."""
     from types import SimpleNamespace
 
-    from bgee_dask.atlas.catalog import GeneLookup
+    from bgee_dask.catalog.reader import GeneLookup
     from bgee_dask.query.plan import resolve_genes
 
     rows = [  # experiment, gene_id, gene_symbol
@@ -639,7 +639,7 @@ def test_catalog_decided_groups_equal_reading_the_metadata(atlas, reference, mon
     key types, same numbers) to every task reading its cells' metadata, and matches numpy on the sources."""
     import xarray as xr
 
-    import bgee_dask.query.query as query_module
+    import bgee_dask.api.query as query_module
     from bgee_dask.query.plan import run_groups
 
     pool = atlas.query(flt).plan.gene_ids  # the genes of the experiments the filter may touch
@@ -665,7 +665,7 @@ def test_runs_with_missing_group_values_read_the_metadata(tmp_path, monkeypatch)
     and together they give what reading every cell's metadata gives, with None as the missing group."""
     import xarray as xr
 
-    import bgee_dask.query.query as query_module
+    import bgee_dask.api.query as query_module
     from bgee_dask.query.plan import run_groups
     from tests import make_inputs as mi
 
@@ -700,7 +700,7 @@ def test_local_kernels_are_prepared_once_per_process(atlas, monkeypatch):
     """Queries on the local scheduler start one kernel-loading thread between them, not one each."""
     import threading
 
-    from bgee_dask.query import query as query_module
+    from bgee_dask.api import query as query_module
 
     calls = []
     done = threading.Event()

@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 
 import bgee_dask as bd
-from bgee_dask.atlas.catalog import forget_cached_tables
-from bgee_dask.atlas.location import S3_DEFAULTS, AtlasLocation, StorageAccessError
+from bgee_dask.catalog.reader import forget_cached_tables
+from bgee_dask.format.location import S3_DEFAULTS, AtlasLocation, StorageAccessError
 from bgee_dask.query.export import to_long_frame
 
 pytestmark = pytest.mark.services
@@ -83,7 +83,7 @@ def take_request_counts() -> tuple[dict[str, int], int]:
 
 
 def _clear_open_stores() -> bool:
-    from bgee_dask.store.experiment import OPEN_STORES
+    from bgee_dask.format.experiment import OPEN_STORES
 
     OPEN_STORES.clear()
     return True

@@ -14,13 +14,13 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-import bgee_dask.store.layout as layout
-import bgee_dask.store.writer as writer
-from bgee_dask.h5ad.source import H5adSource
-from bgee_dask.store.array_writer import ShardedArrayWriter
-from bgee_dask.store.layout import DEFAULT_CODEC, BloscSettings
-from bgee_dask.store.reorder import stream_sorted
-from bgee_dask.store.runs import runs_table
+import bgee_dask.converter.writer as writer
+import bgee_dask.format.layout as layout
+from bgee_dask.converter.array_writer import ShardedArrayWriter
+from bgee_dask.converter.reorder import stream_sorted
+from bgee_dask.converter.runs import runs_table
+from bgee_dask.format.layout import DEFAULT_CODEC, BloscSettings
+from bgee_dask.sources.h5ad import H5adSource
 
 from . import make_inputs as mi
 
@@ -339,7 +339,7 @@ def test_prefetch_passes_errors_and_stops_with_its_consumer():
     import threading
     import time
 
-    from bgee_dask.store.reorder import prefetch
+    from bgee_dask.converter.reorder import prefetch
 
     assert list(prefetch(iter(range(5)))) == [0, 1, 2, 3, 4]
 
@@ -377,8 +377,8 @@ def _shuffled_rows(path: Path, seed: int = 5) -> Path:
 @pytest.mark.parametrize("unsorted", [False, True])
 @pytest.mark.parametrize("spill", [None, "many-buckets"])
 def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsorted, small_shards):
-    from bgee_dask.store import gene_index as gi
-    from bgee_dask.store.gene_index_reader import GeneIndex
+    from bgee_dask.converter import gene_index_builder as gi
+    from bgee_dask.format.gene_index import GeneIndex
 
     monkeypatch.setattr(gi, "GENE_BUCKET_NNZ", 211)  # many gene ranges
     if small_shards:  # many shards: genes cut by shard edges are written by both neighbours
@@ -417,7 +417,7 @@ def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_
     error naming it."""
     import json
 
-    from bgee_dask.store.experiment import ExperimentStore
+    from bgee_dask.format.experiment import ExperimentStore
 
     out = _write(_source_file(tmp_path, "csr"), tmp_path / "e.zarr", None, monkeypatch)
     zarr.consolidate_metadata(zarr.storage.LocalStore(out))
@@ -471,7 +471,7 @@ def test_experiment_store_reads_what_anndata_reads_and_refuses_other_stores(tmp_
 def test_index_arrays_use_the_index_codec(tmp_path, monkeypatch):
     """X/indices and the gene-major cell positions are written with INDEX_CODEC (byte shuffle), values with the
     default codec; the store says which, and both read back as anndata reads the source."""
-    from bgee_dask.store.layout import INDEX_CODEC
+    from bgee_dask.format.layout import INDEX_CODEC
 
     source = _source_file(tmp_path, "csr")
     out, genes = tmp_path / "e.zarr", tmp_path / "e.by_gene.zarr"
@@ -520,8 +520,8 @@ def test_stores_are_consolidated(tmp_path, bgee_sources, where):
     import uuid
 
     import bgee_dask as bd
-    from bgee_dask.atlas.commit import read_record
-    from bgee_dask.atlas.location import AtlasLocation
+    from bgee_dask.catalog.commit import read_record
+    from bgee_dask.format.location import AtlasLocation
 
     # the doc layout (categorical groups inside obs) and variant C (other column names)
     sources = [bgee_sources["SRPT00004"], bgee_sources["SRPT00003.C"]]

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from anndata.io import read_elem
 
-from bgee_dask.store.writer import FRAME_CHUNK_ROWS, _append_obs_columns, _compact, _write_anndata_elements
+from bgee_dask.converter.writer import FRAME_CHUNK_ROWS, _append_obs_columns, _compact, _write_anndata_elements
 
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:

@@ -7,9 +7,9 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from bgee_dask.store import gene_index_reader
-from bgee_dask.store.gene_index_reader import GeneIndex
-from bgee_dask.store.layout import ATTRS_KEY, GENE_INDEX_FORMAT, GENE_INDEX_VERSION
+from bgee_dask.format import gene_index as gene_index_reader
+from bgee_dask.format.gene_index import GeneIndex
+from bgee_dask.format.layout import ATTRS_KEY, GENE_INDEX_FORMAT, GENE_INDEX_VERSION
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
 

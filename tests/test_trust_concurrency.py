@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 import bgee_dask as bd
-from bgee_dask.atlas.catalog import forget_cached_tables
+from bgee_dask.catalog.reader import forget_cached_tables
 
 from . import make_inputs as mi
 from .trust_support import convert_in_child
@@ -102,8 +102,8 @@ def test_s3_lock_left_by_a_killed_writer_is_reported_stale_and_taken_over(
     """A writer killed while holding the object-store lock: check says so; the next writer takes the lease over."""
     import time
 
-    from bgee_dask.atlas import locks
-    from bgee_dask.atlas.location import AtlasLocation
+    from bgee_dask.catalog import locks
+    from bgee_dask.format.location import AtlasLocation
 
     atlas = f"s3://{s3_bucket}/atlas"
     options = s3_server.storage_options()

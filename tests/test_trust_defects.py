@@ -22,9 +22,9 @@ import scipy.sparse as sp
 import xarray as xr
 
 import bgee_dask as bd
-from bgee_dask.atlas.commit import consolidate
-from bgee_dask.atlas.location import AtlasLocation
+from bgee_dask.catalog.commit import consolidate
 from bgee_dask.cli import main
+from bgee_dask.format.location import AtlasLocation
 from bgee_dask.query.filter import FilterTypeError
 from bgee_dask.schema import BgeeInputError, InputKeyError, InputTypeError
 
@@ -185,7 +185,7 @@ def test_disk_full_names_each_file_and_leaves_a_consistent_atlas(small_disk, bge
 # -- 7. SIGTERM and SIGKILL: no spill folder survives ---------------------------------------------
 SPILLING_CONVERT = """
 import functools, sys
-import bgee_dask.atlas.convert as c
+import bgee_dask.api.convert as c
 c.convert_file = functools.partial(c.convert_file, in_memory_nnz=20_000)  # force the spill path
 from bgee_dask.cli import run
 sys.exit(run(["convert", sys.argv[1], "--out", sys.argv[2], "--tmp-dir", sys.argv[3], "--workers", "1",
@@ -277,7 +277,7 @@ def test_nc_output_on_the_base_dependencies(four_file_atlas, tmp_path, capsys):
     [("--out", "missing-folder/r.csv"), ("--out", "r.xlsx"), ("--plot", "missing-folder/dots.png")],
 )
 def test_output_paths_are_checked_before_any_compute(four_file_atlas, tmp_path, monkeypatch, capsys, flag, path):
-    from bgee_dask.query.query import Query
+    from bgee_dask.api.query import Query
 
     def refuse(*_a, **_k):
         raise AssertionError("computed before the output path was checked")
@@ -320,7 +320,7 @@ def test_a_damaged_catalog_file_is_named(four_file_atlas, tmp_path, capsys, dama
     shutil.copytree(four_file_atlas, atlas)
     target = atlas / "catalog" / "atlas.json" if damaged == "header" else mi.catalog_table(atlas, "experiments.parquet")
     target.write_bytes(b"\x00garbage")
-    from bgee_dask.atlas.catalog import forget_cached_tables
+    from bgee_dask.catalog.reader import forget_cached_tables
 
     forget_cached_tables()
     assert main(["info", str(atlas)]) == 2

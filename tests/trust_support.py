@@ -43,7 +43,7 @@ def gene_sums(path: str | os.PathLike) -> dict[str, float]:
 def atlas_sums(atlas, experiment_id: str, genes: list[str] | None = None, **open_kwargs) -> dict[str, float]:
     """Per gene, the sum over the experiment's cells as the atlas answers it (gene-major copy when ``genes``)."""
     import bgee_dask as bd
-    from bgee_dask.atlas.catalog import forget_cached_tables
+    from bgee_dask.catalog.reader import forget_cached_tables
 
     forget_cached_tables()
     q = bd.open_atlas(atlas, **open_kwargs).query(f"experimentId == '{experiment_id}'", genes=genes)

@@ -8,10 +8,10 @@ command line of both.
 
 from __future__ import annotations
 
-from .download import IncompleteDownload, download, list_experiments
-from .errors import BgeeDataError, TransferError
-from .releases import DEFAULT_BASE_URL
-from .transfer import DEFAULT_POLICY, TransferPolicy
+from bgee_dask.bgee.download import IncompleteDownload, download, list_experiments
+from bgee_dask.bgee.errors import BgeeDataError, TransferError
+from bgee_dask.bgee.releases import DEFAULT_BASE_URL
+from bgee_dask.bgee.transfer import DEFAULT_POLICY, TransferPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",

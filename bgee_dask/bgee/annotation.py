@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .errors import BgeeDataError
-from .releases import column_key, decode_text, read_tsv
+from bgee_dask.bgee.errors import BgeeDataError
+from bgee_dask.bgee.releases import column_key, decode_text, read_tsv
 
 #: Experiments table columns (by :func:`~bgee_dask.bgee.releases.column_key`) and their names here;
 #: the first ones are always present in the frames (missing values where a table lacks them).

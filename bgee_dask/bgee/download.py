@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ..schema import check_identifier
-from .annotation import Annotation, check_archive, read_annotation
-from .errors import BgeeDataError, TransferError
-from .integrity import check_h5ad
-from .manifest import Manifest
-from .releases import (
+from bgee_dask.bgee.annotation import Annotation, check_archive, read_annotation
+from bgee_dask.bgee.errors import BgeeDataError, TransferError
+from bgee_dask.bgee.integrity import check_h5ad
+from bgee_dask.bgee.manifest import Manifest
+from bgee_dask.bgee.releases import (
     DEFAULT_BASE_URL,
     Release,
     Species,
@@ -44,11 +43,12 @@ from .releases import (
     load_species,
     resolve_species,
 )
-from .transfer import TransferPolicy, fetch_bytes, fetch_file, sha256_file
+from bgee_dask.bgee.transfer import TransferPolicy, fetch_bytes, fetch_file, sha256_file
+from bgee_dask.schema import check_identifier
 
 if TYPE_CHECKING:
-    from ..atlas.convert import ConversionReport
-    from ..atlas.location import AtlasLocation
+    from bgee_dask.api.convert import ConversionReport
+    from bgee_dask.format.location import AtlasLocation
 
 #: Transfers at once when fetching on this machine.
 DEFAULT_JOBS = 2
@@ -187,7 +187,7 @@ def fetch_and_convert(
     outcome = fetch_one(job, policy)
     outcome.worker = _worker_address()
     if loc is not None and outcome.ok:
-        from ..atlas.convert import convert_file
+        from bgee_dask.api.convert import convert_file
 
         outcome.conversion = convert_file(job.dest, loc, gene_index=gene_index)
     return outcome
@@ -300,7 +300,7 @@ def run_download(
 
     loc = None
     if atlas is not None:
-        from ..atlas.location import AtlasLocation
+        from bgee_dask.format.location import AtlasLocation
 
         loc = AtlasLocation(atlas, storage_options)
         loc.check_access(write=True)  # before any transfer: wrong credentials fail now
@@ -316,7 +316,7 @@ def run_download(
         except BgeeDataError as exc:
             result.failures.append(str(exc))
     if loc is not None and result.annotation is not None:
-        from ..atlas.annotations import write_annotations
+        from bgee_dask.catalog.annotations import write_annotations
 
         write_annotations(loc, sp.name, _with_context(result.annotation, rel), result.annotation.libraries)
 
@@ -339,7 +339,7 @@ def run_download(
 
 def _convert_here(path: str, loc: AtlasLocation, gene_index: bool) -> ConversionReport:
     """One file through the converter's public entry point, in this process; the atlas lists it on return."""
-    from ..atlas.convert import convert
+    from bgee_dask.api.convert import convert
 
     (report,) = convert(
         path, loc.url, storage_options=loc.storage_options, workers=1, progress=False, gene_index=gene_index

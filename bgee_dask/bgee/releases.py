@@ -15,8 +15,8 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import BgeeDataError
-from .transfer import TransferPolicy, fetch_bytes
+from bgee_dask.bgee.errors import BgeeDataError
+from bgee_dask.bgee.transfer import TransferPolicy, fetch_bytes
 
 DEFAULT_BASE_URL = "https://www.bgee.org/ftp"
 RELEASES_FILE = "release_v2.tsv"

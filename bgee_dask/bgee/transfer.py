@@ -32,8 +32,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._version import __version__
-from .errors import TransferError
+from bgee_dask._version import __version__
+from bgee_dask.bgee.errors import TransferError
 
 #: HTTP statuses worth another attempt: the server's trouble, not a wrong URL.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .._runtime import bound_heap_growth
-from ..atlas.location import AtlasLocation
-from ..store.experiment import OPEN_STORES, ExperimentStore
-from ..store.gene_index_reader import GeneIndex
-from .filter import Expr, evaluate
-from .groups import group_codes
-from .kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows
-from .plan import BlockTask, GeneTask, RunGroups
-from .reduction import Partial
+from bgee_dask._runtime import bound_heap_growth
+from bgee_dask.format.experiment import OPEN_STORES, ExperimentStore
+from bgee_dask.format.gene_index import GeneIndex
+from bgee_dask.format.location import AtlasLocation
+from bgee_dask.query.filter import Expr, evaluate
+from bgee_dask.query.groups import group_codes
+from bgee_dask.query.kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows
+from bgee_dask.query.plan import BlockTask, GeneTask, RunGroups
+from bgee_dask.query.reduction import Partial
 
 NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P_SCALED}
 

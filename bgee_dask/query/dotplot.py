@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from .names import COLUMN_TITLES, group_labels
+from bgee_dask.query.names import COLUMN_TITLES, group_labels
 
 #: Dot area (points^2) of a gene every cell of a group expresses.
 DOT_AREA = 220.0

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.extensions import ExtensionArray, ExtensionDtype
 
-from ..schema import BgeeInputError, InputKeyError, InputTypeError, value_kind
+from bgee_dask.schema import BgeeInputError, InputKeyError, InputTypeError, value_kind
 
 __all__ = [
     "PARTIAL_FALSE",

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..atlas.catalog import GeneLookup
+from bgee_dask.catalog.reader import GeneLookup
 
 if TYPE_CHECKING:
-    from .plan import QueryPlan
+    from bgee_dask.query.plan import QueryPlan
 
 #: Suggestions offered per unknown name.
 MAX_SUGGESTIONS = 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import numba
+from bgee_dask._jit import numba
 
 #: How values are transformed before accumulation.
 RAW, SCALED, LOG1P_SCALED = 0, 1, 2

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..atlas.catalog import AtlasCatalog
+from bgee_dask.catalog.reader import AtlasCatalog
 
 if TYPE_CHECKING:
-    from .query import Query
+    from bgee_dask.api.query import Query
 
 #: The label column of each id column (``speciesId`` is named by the experiments' ``species``).
 NAME_OF: dict[str, str] = {

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..atlas.catalog import AtlasCatalog
-from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, InputKeyError
-from .filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, check_literals_fit, evaluate_partial
-from .genes import gene_vocabulary, unknown_genes_message
-from .groups import group_codes
+from bgee_dask.catalog.reader import AtlasCatalog
+from bgee_dask.query.filter import PARTIAL_FALSE, PARTIAL_TRUE, Expr, check_literals_fit, evaluate_partial
+from bgee_dask.query.genes import gene_vocabulary, unknown_genes_message
+from bgee_dask.query.groups import group_codes
+from bgee_dask.schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, InputKeyError
 
 
 @dataclass(frozen=True)

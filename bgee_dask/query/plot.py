@@ -24,7 +24,7 @@ def dot_plot(
     """
     import matplotlib.pyplot as plt
 
-    from .dotplot import dot_plot_figure
+    from bgee_dask.query.dotplot import dot_plot_figure
 
     fig = dot_plot_figure(ds, max_genes=max_genes, max_groups=max_groups, title=title)
     try:

@@ -21,7 +21,7 @@ PRELOAD_MODULE = __name__
 
 
 def _prepare() -> None:
-    from .blocks import prepare_worker
+    from bgee_dask.query.blocks import prepare_worker
 
     prepare_worker()
 

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .groups import group_codes
-from .names import PER_CELL_COLUMNS, add_name_coords, queryable_columns
+from bgee_dask.query.groups import group_codes
+from bgee_dask.query.names import PER_CELL_COLUMNS, add_name_coords, queryable_columns
 
 if TYPE_CHECKING:
     import anndata
 
-    from .query import Query
+    from bgee_dask.api.query import Query
 
 #: decoupler's names (``decoupler.pp.pseudobulk``): cells per sample, counts per sample, and the
 #: layer with the fraction of cells expressing each gene.

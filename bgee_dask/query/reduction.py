@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..schema import BgeeInputError
+from bgee_dask.schema import BgeeInputError
 
 STATS = ("sum", "mean", "var", "n_expressed", "frac_expressed")
 

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import zarr
 
-from ..store.layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
-from .catalog import CatalogError, read_header
-from .commit import atlas_state, orphan_versions, sweep
-from .location import AtlasLocation
-from .locks import commit_lock_state
+from bgee_dask.catalog.commit import atlas_state, orphan_versions, sweep
+from bgee_dask.catalog.locks import commit_lock_state
+from bgee_dask.catalog.reader import CatalogError, read_header
+from bgee_dask.format.layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
+from bgee_dask.format.location import AtlasLocation
 
 
 @dataclass

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..atlas.catalog import AtlasCatalog
-from .genes import parse_genes
-from .names import NAME_OF, add_name_coords
-from .query import Query
+from bgee_dask.api.query import Query
+from bgee_dask.catalog.reader import AtlasCatalog
+from bgee_dask.query.genes import parse_genes
+from bgee_dask.query.names import NAME_OF, add_name_coords
 
 #: Groups by default: species, tissue, cell type (their names are added beside them).
 DEFAULT_BY: tuple[str, ...] = ("speciesId", "anatEntityId", "cellTypeId")

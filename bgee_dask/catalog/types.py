@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..schema import INTEGER_COLUMNS, RUN_COLUMNS
+from bgee_dask.schema import INTEGER_COLUMNS, RUN_COLUMNS
 
 RUNS_SCHEMA = pa.schema(
     [pa.field(c, pa.int64() if c in INTEGER_COLUMNS else pa.string()) for c in RUN_COLUMNS]

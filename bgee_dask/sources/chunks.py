@@ -18,7 +18,7 @@ import deflate
 import h5py
 import numpy as np
 
-from .._runtime import map_on
+from bgee_dask._runtime import map_on
 
 _DEFLATE = h5py.h5z.FILTER_DEFLATE
 _SHUFFLE = h5py.h5z.FILTER_SHUFFLE

@@ -25,20 +25,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
-from .._version import __version__
-from ..cancellation import Cancelled, check_cancelled
-from ..failpoints import failpoint
-from ..schema import BgeeInputError, check_identifier, parse_bgee_filename
-from ..workdirs import sweep_stale
-from .catalog_types import CatalogTypeError
-from .commit import commit_version, declared_genes, declared_runs, read_record, share_bytes, sweep
-from .location import AtlasLocation
-from .locks import writer_lease
-from .paths import CELLS_STORE, GENES_FILE, GENES_STORE, HEADER, RUNS_FILE, WRITER_LEASE, new_version, version_dir
+from bgee_dask._runtime import bound_heap_growth, cpu_count, current_client, gc_paused, local_client
+from bgee_dask._version import __version__
+from bgee_dask.cancellation import Cancelled, check_cancelled
+from bgee_dask.catalog.commit import commit_version, declared_genes, declared_runs, read_record, share_bytes, sweep
+from bgee_dask.catalog.locks import writer_lease
+from bgee_dask.catalog.types import CatalogTypeError
+from bgee_dask.failpoints import failpoint
+from bgee_dask.format.location import AtlasLocation
+from bgee_dask.format.paths import (
+    CELLS_STORE,
+    GENES_FILE,
+    GENES_STORE,
+    HEADER,
+    RUNS_FILE,
+    WRITER_LEASE,
+    new_version,
+    version_dir,
+)
+from bgee_dask.schema import BgeeInputError, check_identifier, parse_bgee_filename
+from bgee_dask.workdirs import sweep_stale
 
 if TYPE_CHECKING:  # imported where files are read (see _convert_file)
-    from ..h5ad.source import H5adSource
+    from bgee_dask.sources.h5ad import H5adSource
 
 
 @dataclass
@@ -111,7 +120,7 @@ def _identify(path: str, experiment_id: str | None, species: str | None) -> tupl
     named = parse_bgee_filename(path)
     if named and experiment_id is None and species is None:
         return named
-    from ..h5ad.source import H5adSource  # (see _convert_file)
+    from bgee_dask.sources.h5ad import H5adSource  # (see _convert_file)
 
     try:
         with H5adSource(path, experiment_id=experiment_id, species=species) as src:
@@ -147,8 +156,8 @@ def _convert_file(
     # Imported where files are read, in the workers: the process that only plans and schedules a
     # conversion then starts its cluster ~0.7 s sooner (anndata alone brings in dask.array, sparse
     # and numba), and the workers' imports run in parallel instead of after it.
-    from ..h5ad.source import H5adSource
-    from ..store.writer import decode_matrix
+    from bgee_dask.converter.writer import decode_matrix
+    from bgee_dask.sources.h5ad import H5adSource
 
     start = time.perf_counter()
     report = ConversionReport(source=path, status="failed")
@@ -286,7 +295,7 @@ class _Version:
 
 
 def _write_stores(version: _Version, src, provenance, pool, tmp_dir, kwargs):
-    from ..store.writer import write_experiment  # (see _convert_file)
+    from bgee_dask.converter.writer import write_experiment  # (see _convert_file)
 
     loc = version.loc
     return write_experiment(
@@ -492,7 +501,7 @@ def convert(
 
 def _load_kernels() -> None:
     """numba's kernels, loaded before the first file converted in this process (``value_check.load_kernels``)."""
-    from ..store.writer import load_conversion_kernels  # (see _convert_file)
+    from bgee_dask.converter.writer import load_conversion_kernels  # (see _convert_file)
 
     load_conversion_kernels()
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
+from bgee_dask.format.layout import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
 
 T = TypeVar("T")
 

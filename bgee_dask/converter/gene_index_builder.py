@@ -23,12 +23,13 @@ from concurrent.futures import Executor
 import numpy as np
 import zarr
 
-from .._runtime import map_on
-from ..cancellation import check_cancelled
-from ..workdirs import private_dir
-from .array_writer import ShardedArrayWriter, consolidate
-from .csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
-from .layout import (
+from bgee_dask._runtime import map_on
+from bgee_dask.cancellation import check_cancelled
+from bgee_dask.converter.array_writer import ShardedArrayWriter, consolidate
+from bgee_dask.converter.csr_kernels import gene_window_of_rows, order_by_gene, scatter_by_bucket
+from bgee_dask.converter.reorder import InMemoryMatrix
+from bgee_dask.converter.spill_records import append_record, read_records
+from bgee_dask.format.layout import (
     DEFAULT_CODEC,
     GENE_INDEX_FORMAT,
     GENE_INDEX_VERSION,
@@ -37,8 +38,7 @@ from .layout import (
     create_values_array,
     write_indptr_array,
 )
-from .reorder import InMemoryMatrix
-from .spill_records import append_record, read_records
+from bgee_dask.workdirs import private_dir
 
 #: Values per gene-range spill bucket.
 GENE_BUCKET_NNZ = 1 << 23

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..schema import RUN_COLUMNS
+from bgee_dask.schema import RUN_COLUMNS
 
 
 def runs_table(obs: pd.DataFrame, columns: tuple[str, ...] = RUN_COLUMNS) -> pd.DataFrame:

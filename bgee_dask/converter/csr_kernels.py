@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import numba
+from bgee_dask._jit import numba
 
 
 @numba.njit(nogil=True, cache=True)

@@ -13,8 +13,8 @@ import threading
 import numpy as np
 import zarr
 
-from .experiment import open_root
-from .layout import ATTRS_KEY, GENE_INDEX_FORMAT, GENE_INDEX_VERSION
+from bgee_dask.format.experiment import open_root
+from bgee_dask.format.layout import ATTRS_KEY, GENE_INDEX_FORMAT, GENE_INDEX_VERSION
 
 #: Most positions asked of zarr in one coordinate selection (8 bytes each, and as many values).
 COORDINATES_PER_READ = 1 << 22

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import infer_dtype
 
-from ..schema import (
+from bgee_dask.schema import (
     CANONICAL_COLUMNS,
     INTEGER_COLUMNS,
     PLACEHOLDER_CELL_TYPE,
@@ -30,9 +30,9 @@ from ..schema import (
     parse_bgee_filename,
     species_from_taxon,
 )
-from . import value_check
-from .chunks import ChunkedReader
-from .frame_reader import peek_frame, read_frame
+from bgee_dask.sources import value_check
+from bgee_dask.sources.chunks import ChunkedReader
+from bgee_dask.sources.frame_reader import peek_frame, read_frame
 
 #: Rows of X whose sums are within this relative distance of 1e6 look like CPM.
 _CPM_TOLERANCE = 1e-3

@@ -8,12 +8,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..atlas.catalog import AtlasCatalog
-from ..atlas.location import AtlasLocation
-from .expression import expression
-from .names import column_values, queryable_columns
-from .plan import check_columns
-from .query import Query
+from bgee_dask.api.expression import expression
+from bgee_dask.api.query import Query
+from bgee_dask.catalog.reader import AtlasCatalog
+from bgee_dask.format.location import AtlasLocation
+from bgee_dask.query.names import column_values, queryable_columns
+from bgee_dask.query.plan import check_columns
 
 
 class Atlas:

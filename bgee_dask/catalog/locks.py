@@ -23,9 +23,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..workdirs import flock_held
-from .location import TMP_MARK, AtlasLocation
-from .paths import LOCK_FILE, LOCK_OBJECT
+from bgee_dask.format.location import TMP_MARK, AtlasLocation
+from bgee_dask.format.paths import LOCK_FILE, LOCK_OBJECT
+from bgee_dask.workdirs import flock_held
 
 #: Seconds a lease object lives without being rewritten.
 COMMIT_LEASE_TTL = 60.0

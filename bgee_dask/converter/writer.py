@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .._runtime import map_on, release_free_heap
-from ..cancellation import check_cancelled
-from ..h5ad import value_check
-from ..h5ad.source import H5adSource
-from ..schema import DERIVED_COLUMNS, SORT_COLUMNS, value_kind
-from .array_writer import ShardedArrayWriter, consolidate
-from .gene_index import GeneIndexBuilder
-from .layout import (
+from bgee_dask._runtime import map_on, release_free_heap
+from bgee_dask.cancellation import check_cancelled
+from bgee_dask.converter.array_writer import ShardedArrayWriter, consolidate
+from bgee_dask.converter.gene_index_builder import GeneIndexBuilder
+from bgee_dask.converter.reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
+from bgee_dask.converter.runs import runs_table
+from bgee_dask.format.layout import (
     ATTRS_KEY,
     DEFAULT_CODEC,
     FORMAT_NAME,
@@ -43,8 +42,9 @@ from .layout import (
     row_blocks,
     write_indptr_array,
 )
-from .reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
-from .runs import runs_table
+from bgee_dask.schema import DERIVED_COLUMNS, SORT_COLUMNS, value_kind
+from bgee_dask.sources import value_check
+from bgee_dask.sources.h5ad import H5adSource
 
 #: Rows per chunk of every obs and var array: a query block (at most 65,536 rows) reads one or
 #: two chunks of a column.
@@ -215,7 +215,7 @@ def _append_obs_columns(root: zarr.Group, columns: dict[str, np.ndarray]) -> Non
 
 def load_conversion_kernels() -> None:
     """The numba kernels of a conversion, loaded on this thread before its first file (``value_check.load_kernels``)."""
-    from . import csr_kernels
+    from bgee_dask.converter import csr_kernels
 
     value_check.load_kernels()
     csr_kernels.load_kernels()

@@ -12,16 +12,24 @@ import pandas as pd
 import scipy.sparse as sp
 import xarray as xr
 
-from .._runtime import OncePerProcess, cpu_count, current_client
-from ..atlas.catalog import AtlasCatalog
-from ..schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError, InputTypeError
-from . import blocks
-from .filter import Expr, parse_filter
-from .genes import gene_symbols, measured_frame, parse_genes, with_symbol_index
-from .names import add_name_coords
-from .plan import BlockTask, GeneTask, QueryPlan, check_columns, check_filter_types, make_plan, run_groups
-from .preload import prepare_worker_soon
-from .reduction import Partial, check_stats, combine, finalize
+from bgee_dask._runtime import OncePerProcess, cpu_count, current_client
+from bgee_dask.catalog.reader import AtlasCatalog
+from bgee_dask.query import blocks
+from bgee_dask.query.filter import Expr, parse_filter
+from bgee_dask.query.genes import gene_symbols, measured_frame, parse_genes, with_symbol_index
+from bgee_dask.query.names import add_name_coords
+from bgee_dask.query.plan import (
+    BlockTask,
+    GeneTask,
+    QueryPlan,
+    check_columns,
+    check_filter_types,
+    make_plan,
+    run_groups,
+)
+from bgee_dask.query.preload import prepare_worker_soon
+from bgee_dask.query.reduction import Partial, check_stats, combine, finalize
+from bgee_dask.schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError, InputTypeError
 
 if TYPE_CHECKING:
     import anndata
@@ -152,7 +160,7 @@ class Query:
         Integer counts over the genes measured in every kept group's experiments; see
         ``pseudobulk.pseudobulk`` for obs, layers and uns.
         """
-        from .pseudobulk import pseudobulk
+        from bgee_dask.query.pseudobulk import pseudobulk
 
         return pseudobulk(self, by, min_cells=min_cells)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._jit import numba
-from .._runtime import OncePerProcess, map_on
+from bgee_dask._jit import numba
+from bgee_dask._runtime import OncePerProcess, map_on
 
 OK, NAN, INFINITE, NEGATIVE, TOO_LARGE, INDEX_OUT_OF_RANGE = range(6)
 #: Integer counts at or above this lose precision as float32.

@@ -32,9 +32,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._version import __version__
-from ..failpoints import failpoint
-from .catalog import (
+from bgee_dask._version import __version__
+from bgee_dask.catalog.gene_alignment import align_gene_codes
+from bgee_dask.catalog.gene_lookup import GeneLookup, dictionary_column
+from bgee_dask.catalog.locks import commit_lock, lease_alive
+from bgee_dask.catalog.reader import (
     CATALOG_FORMAT,
     CATALOG_VERSION,
     EXPERIMENT_COLUMNS,
@@ -44,12 +46,10 @@ from .catalog import (
     RUNS_TABLE_FILE,
     read_header,
 )
-from .catalog_types import GENES_SCHEMA, RUNS_SCHEMA, CatalogTypeError, declared
-from .gene_alignment import align_gene_codes
-from .gene_lookup import GeneLookup, dictionary_column
-from .location import TMP_MARK, AtlasLocation
-from .locks import commit_lock, lease_alive
-from .paths import (
+from bgee_dask.catalog.types import GENES_SCHEMA, RUNS_SCHEMA, CatalogTypeError, declared
+from bgee_dask.failpoints import failpoint
+from bgee_dask.format.location import TMP_MARK, AtlasLocation
+from bgee_dask.format.paths import (
     EXPERIMENTS_ROOT,
     FRAGMENTS,
     HEADER,

@@ -24,12 +24,9 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .._runtime import release_free_heap
-from ..cancellation import check_cancelled
-from ..h5ad.source import H5adSource
-from ..h5ad.value_check import RowScan, scan_csr
-from ..workdirs import private_dir
-from .csr_kernels import (
+from bgee_dask._runtime import release_free_heap
+from bgee_dask.cancellation import check_cancelled
+from bgee_dask.converter.csr_kernels import (
     count_values_per_gene,
     gather_rows,
     gather_segments,
@@ -37,8 +34,11 @@ from .csr_kernels import (
     row_totals,
     sort_row_indices,
 )
-from .layout import row_blocks
-from .spill_records import append_record, read_records
+from bgee_dask.converter.spill_records import append_record, read_records
+from bgee_dask.format.layout import row_blocks
+from bgee_dask.sources.h5ad import H5adSource
+from bgee_dask.sources.value_check import RowScan, scan_csr
+from bgee_dask.workdirs import private_dir
 
 
 @dataclass

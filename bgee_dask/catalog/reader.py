@@ -17,9 +17,9 @@ from collections import OrderedDict
 import pandas as pd
 import pyarrow as pa
 
-from .gene_lookup import GENE_LOOKUP_COLUMNS, GeneLookup
-from .location import AtlasLocation
-from .paths import HEADER
+from bgee_dask.catalog.gene_lookup import GENE_LOOKUP_COLUMNS, GeneLookup
+from bgee_dask.format.location import AtlasLocation
+from bgee_dask.format.paths import HEADER
 
 __all__ = ["AtlasCatalog", "CatalogError", "GeneLookup", "forget_cached_tables", "read_header"]
 

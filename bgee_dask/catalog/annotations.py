@@ -18,9 +18,9 @@ import io
 
 import pandas as pd
 
-from ..schema import check_identifier
-from .location import AtlasLocation
-from .locks import commit_lock
+from bgee_dask.catalog.locks import commit_lock
+from bgee_dask.format.location import AtlasLocation
+from bgee_dask.schema import check_identifier
 
 ANNOTATIONS = "catalog/annotations"
 EXPERIMENTS_SUFFIX = ".experiments.parquet"
