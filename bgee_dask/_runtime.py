@@ -17,7 +17,7 @@ R = TypeVar("R")
 
 def current_client() -> Any | None:
     """The ``distributed.Client`` this process is using, if any."""
-    if "distributed" not in sys.modules:  # no client without it; importing it costs 0.3 s
+    if "distributed" not in sys.modules:  # no client without it, and not imported just to ask
         return None
     try:
         from distributed import get_client
@@ -66,7 +66,7 @@ def gc_paused() -> Iterator[None]:
 
     A conversion allocates many short-lived containers (futures, frames' columns) while the
     interpreter holds hundreds of thousands of long-lived objects from pandas, anndata and
-    zarr; the collections this triggers cost ~0.1 s of CPU per 25k-cell file (perf: 4% of it).
+    zarr; each collection this triggers walks those long-lived objects only to keep them.
     Garbage is still freed by reference counting; cycles wait until the last block ends.
     """
     global _GC_PAUSES, _GC_WAS_ENABLED
@@ -116,15 +116,15 @@ def bound_heap_growth() -> None:
     glibc raises its mmap threshold after big arrays are freed, so later blocks of the same size
     come from the heap, fragment it and make a long conversion's RSS creep up with the file
     size (measured: 979 MB instead of 802 MB for a 300k-cell file). A fixed 4 MiB threshold
-    returns every block's memory to the system when it is freed. (1 MiB was too low: Blosc's
-    scratch space for one 512 KiB chunk is above it, so every encoded chunk mapped fresh pages:
-    257 page faults per chunk, twice the encoding time.)
+    returns every block's memory to the system when it is freed. (1 MiB is too low: Blosc's
+    scratch space for one 512 KiB chunk is above it, so every encoded chunk would map fresh pages
+    and fault them in.)
 
     Fixing that threshold also pins the heap's trim threshold at 128 KiB, which gives back the
     top of a heap as soon as a few small buffers are freed there: the codecs' scratch buffers
     and h5py's raw chunks were then page-faulted in again on every use (half of a conversion's
-    ~150k page faults per file). Up to 32 MiB of free heap is kept instead (8 MiB: twice the
-    page faults again; 32 MiB costs ~50 MB of peak RSS on a 300k-cell file).
+    page faults). Up to 32 MiB of free heap is kept instead (8 MiB still let many of those
+    faults back; 32 MiB costs ~50 MB of peak RSS on a 300k-cell file).
     """
     global _HEAP_TUNED
     if _HEAP_TUNED:

@@ -154,8 +154,8 @@ def _convert_file(
     path, loc, overwrite, threads, experiment_id, species, tmp_dir, in_memory_nnz, gene_index, progress
 ) -> ConversionReport:
     # Imported where files are read, in the workers: the process that only plans and schedules a
-    # conversion then starts its cluster ~0.7 s sooner (anndata alone brings in dask.array, sparse
-    # and numba), and the workers' imports run in parallel instead of after it.
+    # conversion starts its cluster without waiting for them (anndata alone brings in dask.array,
+    # sparse and numba), and the workers' imports run in parallel instead of after it.
     from bgee_dask.converter.writer import decode_matrix
     from bgee_dask.sources.h5ad import H5adSource
 
@@ -181,8 +181,8 @@ def _convert_file(
                 ThreadPoolExecutor(1, thread_name_prefix="bgee-dask-sha256") as hasher,
                 contextlib.ExitStack() as decoding,
             ):
-                # The checksum on a thread of its own: on the pool it held one of the threads decoding
-                # the matrix for 0.2 s of every 25k-cell file.
+                # The checksum on a thread of its own: on the pool it would hold one of the threads
+                # decoding the matrix for as long as it runs.
                 sha_future = hasher.submit(sha256_file, path) if os.path.isfile(path) else None
 
                 def sha() -> str:
@@ -532,8 +532,8 @@ def _run_threads(todo, loc, kwargs, progress, n, threads) -> list[ConversionRepo
     """One Dask task per file on dask's threaded scheduler (``n`` at a time), with a progress bar.
 
     The graph goes to ``dask.threaded.get`` itself: ``dask.compute`` first asks whether a
-    distributed client is running, which imports ``distributed`` (0.13-0.19 s holding the GIL,
-    before the first file could start) even when the scheduler is named.
+    distributed client is running, which imports ``distributed`` (holding the GIL, before the
+    first file could start) even when the scheduler is named.
     """
     import dask
     from dask.callbacks import Callback

@@ -240,12 +240,12 @@ def _leaf_tasks(leaves: list[tuple[Any, tuple]], sizes: Callable[[], list[float]
     """The chunk tasks, largest first when the client gathers them all (no combine tasks).
 
     Dask hands a worker its next task before the worker is free, in graph order; with a few
-    tasks of unequal size, two large ones could queue on one worker while the other idled
-    (a third of the runs of a three-block query took 1.6x longer). Over more tasks the tree's
-    order matters more: combines must run as soon as their inputs exist, so partials never pile up.
+    tasks of unequal size, two large ones could queue on one worker while the other idled, so
+    the largest go first. Over more tasks the tree's order matters more: combines must run as
+    soon as their inputs exist, so partials never pile up.
     """
-    # not pure: hashing the arguments (gene maps of 100s of kB) for keys no other query shares took
-    # longer than the graph's submission
+    # not pure: pure keys hash the arguments (gene maps of 100s of kB), more work than submitting the
+    # graph, for keys no other query shares
     if len(leaves) > FAN_IN:
         return [dask.delayed(fn, pure=False)(*args) for fn, args in leaves]
     out = []
@@ -268,9 +268,9 @@ INLINE_MAP_BYTES = 2 << 20
 def _gene_map_args(gene_maps: list[np.ndarray], tasks: list) -> list:
     """Each experiment's gene map as its block tasks take it.
 
-    A map shared as its own key costs every block a scheduler round trip before it can start
-    (~5 ms each on a busy laptop, a third of a selective query); written into the tasks, it is
-    copied once per block instead, which only a query over many blocks cannot afford.
+    A map shared as its own key costs every block a scheduler round trip before it can start,
+    a large part of a selective query; written into the tasks, it is copied once per block
+    instead, which only a query over many blocks cannot afford.
     """
     copies = sum(gene_maps[t.experiment].nbytes for t in tasks)
     if copies <= INLINE_MAP_BYTES:

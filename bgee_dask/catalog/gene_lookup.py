@@ -23,7 +23,7 @@ GENE_LOOKUP_COLUMNS = ("experiment", "gene_id", "gene_key", "gene_symbol", "gene
 
 def _one_list(values, kind: pa.DataType) -> pa.ListArray:
     """A list column of one row holding ``values``: built from the array whole (``pa.array`` of a
-    nested numpy array visits every element, 0.3 s for a 2.6M-row lookup)."""
+    nested numpy array would visit every element as a Python object)."""
     flat = pa.array(values, kind)
     return pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), flat)
 
@@ -41,8 +41,8 @@ class GeneLookup:
     """The genes table arranged for planning: gene ids as codes, rows grouped by experiment.
 
     Planning a query over all genes maps every experiment's genes to output columns; done with
-    pandas on the 660k-row table of a 24-experiment atlas that took 0.2 s, most of a selective
-    query. Here it is integer indexing.
+    pandas over every row of the genes table, that would be most of a selective query. Here it
+    is integer indexing.
     """
 
     ids: np.ndarray  # sorted distinct gene keys (``gene_key``; ``gene_id`` in catalogs without it)
@@ -89,9 +89,8 @@ class GeneLookup:
     def from_arrow(cls, table: pa.Table) -> GeneLookup:
         """From the genes table as Arrow reads it: dictionary columns give their codes directly.
 
-        Going through pandas cost 0.3 s for the 660k rows of a 24-experiment atlas (its
-        categoricals are rebuilt row group by row group), most of planning a selective query;
-        Arrow's own arrays take 0.03 s.
+        Going through pandas would rebuild its categoricals row group by row group, most of
+        planning a selective query; Arrow's own arrays are used as they are.
         """
         names = table.column_names
         return cls._from_codes(
@@ -105,8 +104,8 @@ class GeneLookup:
     def to_arrow_bytes(self, catalog_id: str, compression: str | None = "zstd") -> bytes:
         """The lookup as written at consolidation: one Arrow IPC record of list columns.
 
-        Reading it back is a few milliseconds of zero-copy arrays, where building it from the
-        genes table sorts and groups every row (0.1-0.3 s for 660k rows in a fresh process).
+        Reading it back gives zero-copy arrays, where building it from the genes table sorts and
+        groups every row.
         ``compression`` (Arrow IPC's "zstd", "lz4" or None) is recorded in the file.
         """
         keys = list(self.rows)
@@ -129,7 +128,7 @@ class GeneLookup:
         meta = {"format": GENE_LOOKUP_FORMAT, "format_version": GENE_LOOKUP_VERSION, "catalog_id": catalog_id}
         table = pa.table(columns).replace_schema_metadata(meta)
         sink = pa.BufferOutputStream()
-        # zstd: a quarter of the bytes (3.6 MB against 11.6 MB for 660k rows) for 4-8 ms more to read
+        # zstd: several times fewer bytes to store and fetch, for a little decoding when read
         with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
             writer.write_table(table)
         return sink.getvalue().to_pybytes()
@@ -178,7 +177,7 @@ class GeneLookup:
         n_rows = len(exp_codes)
         # experiments numbered in catalog order (a categorical's categories may be in any order)
         first_row = np.full(len(exp_keys), n_rows, dtype=np.int64)
-        seen, first_at = np.unique(exp_codes, return_index=True)  # (np.minimum.at: 0.1 s on 1.1M rows)
+        seen, first_at = np.unique(exp_codes, return_index=True)  # (a sort; np.minimum.at loops per element)
         first_row[seen] = first_at
         by_appearance = np.argsort(first_row, kind="stable")
         renumber = np.empty(len(exp_keys), dtype=np.int64)
@@ -216,8 +215,8 @@ class GeneLookup:
 def _codes(column: pd.Series, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(code per row, -1 where missing; the distinct values as strings), from a categorical's codes when it is one.
 
-    The catalog's text columns come back from parquet as categoricals; turning 660k of them
-    into Python strings to factorize them again took 0.3 s, most of planning a selective query.
+    The catalog's text columns come back from parquet as categoricals; turning them into a
+    Python string per row to factorize them again would be most of planning a selective query.
     """
     if isinstance(column.dtype, pd.CategoricalDtype):
         codes = column.array.codes.astype(np.int64)  # the Categorical's own array (Series.cat.codes is slower)

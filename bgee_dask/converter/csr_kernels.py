@@ -172,7 +172,7 @@ def sort_row_indices(indptr, indices, data):  # pragma: no cover - jit
 
 @numba.njit(nogil=True, cache=True)
 def count_values_per_gene(indices, n_genes):  # pragma: no cover - jit
-    """How many values each gene has (``np.bincount`` copies ``indices`` to int64 first: 3x slower, measured)."""
+    """How many values each gene has (a loop, not ``np.bincount``, which first copies ``indices`` to int64)."""
     counts = np.zeros(n_genes, dtype=np.int64)
     for k in range(indices.shape[0]):
         counts[indices[k]] += 1

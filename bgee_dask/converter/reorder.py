@@ -260,7 +260,7 @@ def prefetch(blocks: Iterator[T], depth: int = 1) -> Iterator[T]:
 
 
 def _scipy_sparse():
-    """scipy.sparse, for CSC sources only: importing it costs 0.15 s, and Bgee writes CSR."""
+    """scipy.sparse, imported for CSC sources only: Bgee writes CSR, so most conversions never pay for the import."""
     import scipy.sparse
 
     return scipy.sparse

@@ -38,9 +38,9 @@ BLOCK_MAX_ROWS = 1 << 16
 class BloscSettings:
     """The Blosc setting of an array's inner chunks, recorded in the store's attributes too.
 
-    The default, LZ4 with bitshuffle, encodes and decodes Bgee counts about twice as fast as
-    zstd level 1 for about 12% more bytes; converting and scanning are bound by the codec, so
-    that is the better trade here.
+    The default, LZ4 with bitshuffle, encodes and decodes Bgee counts faster than zstd, for
+    somewhat more bytes; converting and scanning are bound by the codec, so that is the better
+    trade here.
     """
 
     cname: str = "lz4"

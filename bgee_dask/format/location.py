@@ -27,7 +27,7 @@ S3_PROTOCOLS = ("s3", "s3a")
 
 #: s3fs options used unless the caller's ``storage_options`` say otherwise (key by key, also inside
 #: ``config_kwargs``). They bound the time a failure takes: wrong credentials, a missing bucket or a
-#: refused connection fail within a second or two; an endpoint that accepts connections but never
+#: refused connection fail without waiting on a time-out; an endpoint that accepts connections but never
 #: answers fails after 8 attempts x ``read_timeout`` (about 50 s): botocore tries twice (its
 #: ``max_attempts`` counts retries), inside s3fs's 2 attempts, which it nests for whole-object reads.
 #: ``max_concurrency=1`` makes a whole-object read one GET (s3fs otherwise asks for the size first,
@@ -406,14 +406,14 @@ class AtlasLocation:
 
     def write_arrow_parquet(self, rel: str, table: pa.Table) -> None:
         """Without column statistics: nothing here filters row groups by them, and for dictionary
-        text they were most of the writing (0.50 s against 0.16 s for a 2.6M-row genes table)."""
+        text computing them was most of the writing."""
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, write_statistics=False)
         self.write_bytes(rel, buf.getvalue().to_pybytes())
 
     def read_parquet(self, rel: str) -> pd.DataFrame:
-        # pq.ParquetFile, not pd.read_parquet: the latter goes through pyarrow.dataset, whose import alone
-        # is ~0.02 s of a query's first planning in a process
+        # pq.ParquetFile, not pd.read_parquet: the latter goes through pyarrow.dataset, whose import would
+        # delay a query's first planning in a process
         return self.read_arrow(rel).to_pandas()
 
     def read_arrow(self, rel: str, columns: Sequence[str] | None = None) -> pa.Table:

@@ -1,10 +1,10 @@
 """Getting Dask workers ready for query blocks: when they start, or while a client plans.
 
-A worker loads the query kernels from numba's on-disk cache on its first block (about
-0.25 s, and 1.3 s of imports before that): on a fresh worker that is most of a selective
-query. Started with ``dask worker SCHEDULER --preload bgee_dask.query.preload``, a worker
-pays it once at start (``dask_setup``). Without that, ``Query`` sends the workers
-``prepare_worker_soon`` while it plans, and the first block finds them ready or nearly so.
+A worker loads the query kernels from numba's on-disk cache on its first block, after the
+imports they need: on a fresh worker that is most of a selective query. Started with
+``dask worker SCHEDULER --preload bgee_dask.query.preload``, a worker pays it once at start
+(``dask_setup``). Without that, ``Query`` sends the workers ``prepare_worker_soon`` while it
+plans, and the first block finds them ready or nearly so.
 
 This module is deliberately light: ``client.run`` unpickles its function on each worker's
 event loop, so naming a heavy module there would make the client wait for the worker's

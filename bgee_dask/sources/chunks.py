@@ -5,8 +5,7 @@ Bgee file on one core. Instead each chunk's stored bytes are fetched with h5py's
 ``DatasetID.read_direct_chunk`` (a short read under that lock) and inflated with the ``deflate``
 package's ``zlib_decompress`` (libdeflate, which releases the GIL), on the executor's threads (on the caller's
 when there is none). Datasets whose filter pipeline is anything but deflate, optionally after
-shuffle, are read through h5py slicing, which is slower but always correct. Slicing the whole of
-X/data and X/indices was measured about three times slower than this on two threads.
+shuffle, are read through h5py slicing, which decodes on one core but is always correct.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading obs and var of an H5AD file without anndata, for the encodings Bgee files use.
 
-anndata's reader is general, but importing it costs ~0.7 s (it brings in dask.array, sparse
+anndata's reader is general, but importing it is heavy (it brings in dask.array, sparse
 and numba's array support), which a conversion run paid before its first file, and it reads a
 frame through a registry of readers per element. Bgee's files, in every layout, hold data
 frames (encoding 0.2.0) of categorical, string-array and plain array columns only; those are
