@@ -47,7 +47,9 @@ def _group_with(elements: dict) -> zarr.Group:
 def test_frame_reads_back_through_anndata(n):
     df = _frame(n)
     group = _group_with({"obs": df, "obsm": {}})
-    pd.testing.assert_frame_equal(read_elem(group["obs"]), df, check_index_type=False)
+    # an empty category list comes back from anndata 0.13 with pandas 3 with another dtype (object / str):
+    # with no categories there is nothing to compare there
+    pd.testing.assert_frame_equal(read_elem(group["obs"]), df, check_index_type=False, check_categorical=n > 0)
     assert read_elem(group["obsm"]) == {}
     # chunked by rows, so that a query block reads a piece of a column, not all of it (a column is one
     # array or, depending on anndata's version and the pandas dtype, a group of arrays: codes, values, mask)
