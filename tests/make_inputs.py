@@ -411,7 +411,7 @@ def check_store(
     assert prov["source_sha256"] == hashlib.sha256(Path(source_path).read_bytes()).hexdigest()
     assert str(prov["converter"]).startswith("bgee-dask")
     when = dt.datetime.fromisoformat(prov["converted_at"])
-    assert abs((dt.datetime.now(dt.timezone.utc) - when).total_seconds()) < 24 * 3600
+    assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 24 * 3600
     return stored
 
 

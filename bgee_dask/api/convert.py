@@ -228,7 +228,7 @@ def _convert_file(
                             "counts_source": src.counts_key,
                             "cpm_in_x": src.cpm_in_x,
                             "converter": f"bgee-dask {__version__}",
-                            "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "converted_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                         }
 
                         def final_provenance() -> dict[str, Any]:

@@ -223,7 +223,7 @@ def consolidate_locked(loc: AtlasLocation) -> dict:
         "format": CATALOG_FORMAT,
         "format_version": CATALOG_VERSION,
         "writer": f"bgee-dask {__version__}",
-        "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "updated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "catalog_id": catalog_id,  # readers cache the tables of one id: they never change under it
         "tables": folder,
         "previous_tables": previous.get("tables") if previous else None,

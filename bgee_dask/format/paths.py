@@ -56,5 +56,5 @@ def tables_dir(catalog_id: str) -> str:
 
 def new_version() -> str:
     """A version name that sorts by time and never repeats: ``20261207T051722Z-1a2b3c4d``."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
