@@ -93,10 +93,10 @@ def _selection(loc, task, expr, by, mode, groups: RunGroups | None):
 
 
 def prepare_worker() -> None:
-    """Bound the heap and load the compiled kernels (``kernels.warm_up``) before the first block.
+    """Bound the heap and load the compiled kernels (``kernels.warm_up``) ahead of the first block.
 
-    Run e.g. while the client plans a query, or when a worker starts: a fresh worker otherwise
-    loads them with its first block, most of a selective query's time.
+    Run while the client plans a query, or when a worker starts; otherwise the first block
+    loads the kernels itself.
     """
     bound_heap_growth()
     warm_up()
