@@ -28,7 +28,7 @@ from bgee_dask.query.plan import (
     run_groups,
 )
 from bgee_dask.query.preload import prepare_worker_soon
-from bgee_dask.query.reduction import Partial, check_stats, combine, finalize
+from bgee_dask.query.reduction import Partial, check_stats, combine, finalize, needed
 from bgee_dask.schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError, InputTypeError
 
 if TYPE_CHECKING:
@@ -137,19 +137,19 @@ class Query:
         # where the catalog decides which rows match and their groups, tasks read no metadata
         spans = [(t.experiment, t.r0, t.r1) for t in [*block_tasks, *gene_tasks]]
         groups = run_groups(plan, spans, by)
-        loc, expr = self.location, self.expr
+        loc, expr, needs = self.location, self.expr, needed(stats)
         leaves = [
-            (blocks.aggregate_block, (loc, t, expr, by, maps[t.experiment], n_exp, n_genes, normalize, g))
+            (blocks.aggregate_block, (loc, t, expr, by, maps[t.experiment], n_exp, n_genes, normalize, needs, g))
             for t, g in zip(block_tasks, groups[: len(block_tasks)], strict=True)
         ] + [
-            (blocks.aggregate_genes, (loc, t, expr, by, n_exp, n_genes, normalize, g))
+            (blocks.aggregate_genes, (loc, t, expr, by, n_exp, n_genes, normalize, needs, g))
             for t, g in zip(gene_tasks, groups[len(block_tasks) :], strict=True)
         ]
         layer = _leaf_tasks(leaves, lambda: [_values_read(plan, t) for t in [*block_tasks, *gene_tasks]])
         while len(layer) > FAN_IN:
             layer = [dask.delayed(_combine_list)(layer[i : i + FAN_IN]) for i in range(0, len(layer), FAN_IN)]
         # the last combine runs here: one task and one transfer fewer on the critical path
-        partial = combine(self._compute(*layer)) if layer else Partial.empty(n_exp, n_genes)
+        partial = combine(self._compute(*layer)) if layer else Partial.empty(n_exp, n_genes, needs)
         # ds.sel(gene_symbol="CD19") works, and id columns get their names (cellTypeId -> cellTypeName)
         return add_name_coords(with_symbol_index(_to_dataset(partial, plan, by, stats, normalize)), self.catalog)
 
@@ -318,13 +318,7 @@ def _sort_key(key: tuple) -> tuple:
 
 def _to_dataset(partial: Partial, plan: QueryPlan, by: list[str], stats: list[str], normalize) -> xr.Dataset:
     order = sorted(range(len(partial.keys)), key=lambda i: _sort_key(partial.keys[i]))
-    partial = Partial(
-        [partial.keys[i] for i in order],
-        partial.counts[order],
-        partial.sums[order],
-        partial.sumsq[order],
-        partial.nexpr[order],
-    )
+    partial = partial.take(order)
     values = finalize(partial, plan.measured, stats)
     coords: dict[str, Any] = {"gene": ("gene", np.asarray(plan.gene_ids, dtype=object))}
     coords["gene_symbol"] = ("gene", gene_symbols(plan.gene_ids, plan.gene_symbols))

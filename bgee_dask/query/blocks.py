@@ -6,6 +6,8 @@ through the client) and return only small results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -15,9 +17,9 @@ from bgee_dask.format.gene_index import GeneIndex
 from bgee_dask.format.location import AtlasLocation
 from bgee_dask.query.filter import Expr, evaluate
 from bgee_dask.query.groups import group_codes
-from bgee_dask.query.kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, grouped_moments_by_gene, select_rows
+from bgee_dask.query.kernels import LOG1P_SCALED, RAW, SCALED, grouped_moments, select_rows, warm_up
 from bgee_dask.query.plan import BlockTask, GeneTask, RunGroups
-from bgee_dask.query.reduction import Partial
+from bgee_dask.query.reduction import COUNTS, Partial, allocate
 
 NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P_SCALED}
 
@@ -91,52 +93,54 @@ def _selection(loc, task, expr, by, mode, groups: RunGroups | None):
 
 
 def prepare_worker() -> None:
-    """Load this module and its compiled kernels, with the argument types real blocks pass.
+    """Bound the heap and load the compiled kernels (``kernels.warm_up``) ahead of the first block.
 
-    numba loads a kernel from its on-disk cache on the first call in a process (0.3-0.4 s in
-    a fresh worker, most of a selective query); run here, e.g. while the client plans a
-    query, the first block does not wait for it.
+    Run while the client plans a query, or when a worker starts; otherwise the first block
+    loads the kernels itself.
     """
     bound_heap_growth()
-    indptr, indices, rows = np.array([0, 1], np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32)
-    row_scale, gene_map = np.ones(1), np.zeros(1, np.int32)
-    for dtype in (np.float32, np.float64):  # the two value types stores hold
-        data = np.ones(1, dtype)
-        sums, sumsq, nexpr = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1), np.int64)
-        grouped_moments(indptr, indices, data, rows, row_scale, gene_map, RAW, sums, sumsq, nexpr)
-        columns = np.zeros(1, np.int64)
-        grouped_moments_by_gene(indptr, indices, data, columns, 0, rows, row_scale, RAW, sums, sumsq, nexpr)
+    warm_up()
 
 
-def aggregate_genes(
-    loc: AtlasLocation,
-    task: GeneTask,
-    expr: Expr | None,
-    by: list[str],
+#: Passed to the kernel for an intermediate the query does not need.
+_NOT_WANTED = {"sum": np.zeros((0, 0)), "sumsq": np.zeros((0, 0)), "nexpr": np.zeros((0, 0), np.int64)}
+
+
+def chunk_partial(
+    sparse: tuple[np.ndarray, np.ndarray, np.ndarray],
+    by_gene: bool,
+    gene_map: np.ndarray,
+    row0: int,
+    row_group: np.ndarray,
+    row_scale: np.ndarray,
+    keys: list[tuple],
+    experiment: int,
     n_experiments: int,
     n_genes: int,
-    normalize: str | None,
-    groups: RunGroups | None = None,
+    mode: int,
+    needs: Sequence[str],
 ) -> Partial:
-    """chunk step from the gene-major copy: the requested genes over the experiment's matching cells."""
-    mode = NORMALIZE_MODES[normalize]
-    span = BlockTask(task.experiment, task.store, task.r0, task.r1)
-    rows, codes, keys, scale = _selection(loc, span, expr, by, mode, groups)
-    if rows.size == 0:
-        return Partial.empty(n_experiments, n_genes)
-    row_group = np.full(task.r1 - task.r0, -1, dtype=np.int32)
-    row_group[rows] = codes
-    row_scale = np.ones(task.r1 - task.r0, dtype=np.float64)
-    row_scale[rows] = scale
-    gindptr, cells, values = open_gene_index(loc, task.gene_index).read_genes(np.asarray(task.genes))
-    g = len(keys)
-    sums, sumsq = np.zeros((g, n_genes)), np.zeros((g, n_genes))
-    nexpr = np.zeros((g, n_genes), dtype=np.int64)
-    out_cols = np.asarray(task.columns, dtype=np.int64)
-    grouped_moments_by_gene(gindptr, cells, values, out_cols, task.r0, row_group, row_scale, mode, sums, sumsq, nexpr)
-    counts = np.zeros((g, n_experiments), dtype=np.int64)
-    counts[:, task.experiment] = np.bincount(codes, minlength=g)
-    return Partial(keys, counts, sums, sumsq, nexpr)
+    """The chunk step proper: the intermediates ``needs`` over one experiment's selected cells.
+
+    ``sparse`` is (indptr, indices, data) of the cells' values, cell- or gene-major, and the
+    other arguments are the kernel's (see ``kernels.grouped_moments``): ``row_group[r]`` is the
+    code (a position in ``keys``) of cell position ``row0 + r``, or -1 for a cell not selected.
+    """
+    values = allocate(needs, len(keys), n_experiments, n_genes)
+    acc = [values.get(name, _NOT_WANTED[name]) for name in ("sum", "sumsq", "nexpr")]
+    indptr, indices, data = sparse
+    grouped_moments(indptr, indices, data, by_gene, gene_map, row0, row_group, row_scale, mode, *acc)
+    values[COUNTS][:, experiment] = np.bincount(row_group[row_group >= 0], minlength=len(keys))
+    return Partial(keys, values)
+
+
+def _window(rows: np.ndarray, codes: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    """Group codes and scale factors of rows ``[lo, hi)`` of a task (-1 and 1 for rows not selected)."""
+    row_group = np.full(hi - lo, -1, dtype=np.int32)
+    row_group[rows - lo] = codes
+    row_scale = np.ones(hi - lo, dtype=np.float64)
+    row_scale[rows - lo] = scale
+    return row_group, row_scale
 
 
 def aggregate_block(
@@ -148,28 +152,45 @@ def aggregate_block(
     n_experiments: int,
     n_genes: int,
     normalize: str | None,
+    needs: Sequence[str],
     groups: RunGroups | None = None,
 ) -> Partial:
-    """chunk step: the block's partial sums for the groups present in it."""
+    """chunk step from the cell-major store: the partial of the block's groups, genes mapped by ``gene_map``."""
     mode = NORMALIZE_MODES[normalize]
     rows, codes, keys, scale = _selection(loc, task, expr, by, mode, groups)
     if rows.size == 0:
-        return Partial.empty(n_experiments, n_genes)
-    first, last = int(rows[0]), int(rows[-1]) + 1
-    store = open_store(loc, task.store)
-    indptr, indices, data = store.read_rows(task.r0 + first, task.r0 + last)
-    row_group = np.full(last - first, -1, dtype=np.int32)
-    row_group[rows - first] = codes
-    row_scale = np.ones(last - first, dtype=np.float64)
-    row_scale[rows - first] = scale
-    g = len(keys)
-    sums = np.zeros((g, n_genes))
-    sumsq = np.zeros((g, n_genes))
-    nexpr = np.zeros((g, n_genes), dtype=np.int64)
-    grouped_moments(indptr, indices, data, row_group, row_scale, gene_map, mode, sums, sumsq, nexpr)
-    counts = np.zeros((g, n_experiments), dtype=np.int64)
-    counts[:, task.experiment] = np.bincount(codes, minlength=g)
-    return Partial(keys, counts, sums, sumsq, nexpr)
+        return Partial.empty(n_experiments, n_genes, needs)
+    first, last = int(rows[0]), int(rows[-1]) + 1  # read only the span of the matching rows
+    sparse = open_store(loc, task.store).read_rows(task.r0 + first, task.r0 + last)
+    row_group, row_scale = _window(rows, codes, scale, first, last)
+    return chunk_partial(
+        sparse, False, gene_map, 0, row_group, row_scale, keys, task.experiment, n_experiments, n_genes, mode, needs
+    )
+
+
+def aggregate_genes(
+    loc: AtlasLocation,
+    task: GeneTask,
+    expr: Expr | None,
+    by: list[str],
+    n_experiments: int,
+    n_genes: int,
+    normalize: str | None,
+    needs: Sequence[str],
+    groups: RunGroups | None = None,
+) -> Partial:
+    """chunk step from the gene-major copy: the requested genes over the experiment's matching cells."""
+    mode = NORMALIZE_MODES[normalize]
+    span = BlockTask(task.experiment, task.store, task.r0, task.r1)
+    rows, codes, keys, scale = _selection(loc, span, expr, by, mode, groups)
+    if rows.size == 0:
+        return Partial.empty(n_experiments, n_genes, needs)
+    sparse = open_gene_index(loc, task.gene_index).read_genes(np.asarray(task.genes))
+    columns = np.asarray(task.columns, dtype=np.int32)  # the i-th gene read -> its output column
+    row_group, row_scale = _window(rows, codes, scale, 0, task.r1 - task.r0)
+    return chunk_partial(
+        sparse, True, columns, task.r0, row_group, row_scale, keys, task.experiment, n_experiments, n_genes, mode, needs
+    )
 
 
 def extract_block(
