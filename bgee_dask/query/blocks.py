@@ -27,8 +27,8 @@ NORMALIZE_MODES = {None: RAW, "none": RAW, "cp10k": SCALED, "log1p_cp10k": LOG1P
 def open_store(loc: AtlasLocation, rel: str) -> ExperimentStore:
     # Every task opens a store first: the place to tune the process's allocator once. Dask's
     # nanny starts workers with a 64 KiB malloc trim threshold, which hands freed block buffers
-    # back to the system at once, so the next block faults them in again: a full scan's blocks
-    # took 7.1 s of worker time instead of 4.2 s.
+    # back to the system at once, so the next block faults them in again (a full scan's worker
+    # time grows by more than half without this: the bench_query.py full scan shows it).
     bound_heap_growth()
     return OPEN_STORES.get(
         (loc.url, rel), lambda: ExperimentStore(loc.zarr_store(rel, read_only=True), name=loc.full_url(rel))
