@@ -692,8 +692,9 @@ def test_runs_with_missing_group_values_read_the_metadata(tmp_path, monkeypatch)
     both = pd.concat([with_gaps.obs[by], full.obs[by]]).astype(object)
     want = both.groupby(by, dropna=False).size()
     have = {(s if isinstance(s, str) else None, c): int(n) for (s, c), n in want.items()}
+    # the missing group's label is None (xarray with pandas 3 shows it as NaN)
     assert {
-        (a, b): int(n)
+        (None if pd.isna(a) else a, b): int(n)
         for a, b, n in zip(got["sex"].values, got["cellTypeId"].values, got["n_cells"].values, strict=True)
     } == have
 
