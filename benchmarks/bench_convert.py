@@ -924,8 +924,7 @@ def _markdown(results: dict[str, Any]) -> str:
                 True: "Every run wrote into a directory of its own, deleted only after the last run (no file "
                 "deletions between timed runs).",
                 False: "Each run's output was deleted before the next run started.",
-                None: "Each run's output was deleted before the next run started (the harness before the "
-                "thirteenth session).",
+                None: "Each run's output was deleted before the next run started.",
             }[tp.get("outputs_kept")],
             "",
             "| contender | median wall s (min-max) | cells/s | work s | startup s | CPU s | peak RSS (tree) MB |"
@@ -1075,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--delete-outputs",
         action="store_true",
-        help="delete each run's output before the next run (the harness's behaviour before the thirteenth session)",
+        help="delete each run's output before the next run (default: keep every run's output until the end)",
     )
     p.add_argument("--report-only", action="store_true", help="re-render <out>/results.md from results.json")
     p.add_argument(
