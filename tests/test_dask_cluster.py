@@ -31,7 +31,9 @@ pytestmark = pytest.mark.services
 ALL = ("SRPT00001", "SRPT00002", "SRPT00003", "SRPT00004", "SRPT00005", "SRPT00006", "SRPT00007")
 BIG = {"n_experiments": 6, "cells_per_experiment": 25_000, "n_genes_universe": 20_000, "mean_detected_genes": 1500}
 BIG_QUERY = {"filter": None, "by": ["cellTypeId"], "stats": ["sum", "mean", "var", "n_expressed"]}
-WORKER_MEMORY = 500e6
+#: A worker's limit. Its nanny kills it at 95% of this; a worker's peak in the full scan below is
+#: ~280 MB of imports plus one block (2^23 values) being read and reduced: 450-480 MB measured.
+WORKER_MEMORY = 600e6
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -199,7 +201,7 @@ def _peak_rss() -> int:
 
 def test_query_over_atlas_many_times_a_workers_memory(dask_cluster_factory, big_atlas, big_reference):
     x_bytes = _x_bytes(big_atlas)
-    assert x_bytes > 3 * WORKER_MEMORY, x_bytes
+    assert x_bytes > 2.5 * WORKER_MEMORY, x_bytes
     cluster = dask_cluster_factory(n_workers=2, nthreads=1, memory_limit=f"{int(WORKER_MEMORY)}", nanny=True)
     before = cluster.worker_pids
     with cluster.client() as client:
@@ -210,7 +212,7 @@ def test_query_over_atlas_many_times_a_workers_memory(dask_cluster_factory, big_
         limits = {w["name"]: w["memory_limit"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
     assert cluster.worker_pids == before, "a worker was restarted (memory limit exceeded?)"
     assert all(limit == int(WORKER_MEMORY) for limit in limits.values()), limits
-    assert max(peaks.values()) < WORKER_MEMORY, peaks
+    assert max(peaks.values()) < 0.95 * WORKER_MEMORY, peaks  # below the nanny's kill threshold
     logs = "\n".join(p.read_text() for p in cluster.log_paths.values())
     assert "exceeded 95% memory budget" not in logs
     print(
