@@ -221,12 +221,21 @@ def _task_profile(stream: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 def child_bgee(args: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
     import dask.array  # noqa: F401  (xarray imports it on first use: an import, not query work)
     import distributed  # noqa: F401  (bgee-dask looks for a client)
 
     import bgee_dask as bd
-    import bgee_dask.api.query
     import bgee_dask.query.blocks
+
+    # the Query module, imported before the clock starts: where an older checkout (--baseline) kept it, or here
+    for name in ("bgee_dask.query.query", "bgee_dask.api.query"):
+        try:
+            importlib.import_module(name)
+            break
+        except ModuleNotFoundError:
+            continue
 
     out: dict[str, Any] = {"bgee_dask_path": os.path.dirname(os.path.dirname(bd.__file__))}
     if args["mode"] == "cluster":
@@ -703,6 +712,28 @@ def prepare(out: Path, cells: int, experiments: int, species: list[str], log) ->
     return manifest
 
 
+def ensure_baseline_atlas(manifest: dict[str, Any], base: str, log) -> str:
+    """The same sources converted by the baseline checkout, which may write another atlas format."""
+    rev = subprocess.run(["git", "-C", base, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    name = rev.stdout.strip() or os.path.basename(base)
+    atlas = Path(manifest["root"]) / f"atlas-baseline-{name}"
+    done = atlas.with_name(atlas.name + ".done")
+    if not done.exists():
+        shutil.rmtree(atlas, ignore_errors=True)
+        log(f"converting with the baseline ({base}) ...")
+        res = run_child(
+            "convert",
+            {"files": manifest["files"], "atlas": str(atlas), "pythonpath": base},
+            Path(manifest["root"]) / "logs" / "convert-baseline.log",
+            7200,
+        )
+        if res["status"] != "ok":
+            raise RuntimeError(f"baseline conversion failed: {res['message']}")
+        done.write_text(json.dumps(res))
+        log(f"  converted in {res['convert_s']:.1f} s")
+    return str(atlas)
+
+
 def ensure_soma(manifest: dict[str, Any], log) -> dict[str, Any]:
     root = Path(manifest["root"])
     uri = root / "soma"
@@ -843,13 +874,24 @@ def run_all(args, log) -> dict[str, Any]:
         ]
     if args.baseline:
         base = os.path.abspath(args.baseline)
+        base_atlas = ensure_baseline_atlas(manifest, base, log)
+        base_files = [str(p) for p in Path(base_atlas).rglob("*") if p.is_file()]
         plan = [
             entry
             for q, label, kind, cargs, files, timeout in plan
             for entry in (
                 [(q, label, kind, cargs, files, timeout)]
                 + (
-                    [(q, f"baseline: {label}", kind, {**cargs, "pythonpath": base}, files, timeout)]
+                    [
+                        (
+                            q,
+                            f"baseline: {label}",
+                            kind,
+                            {**cargs, "atlas": base_atlas, "pythonpath": base},
+                            base_files,
+                            timeout,
+                        )
+                    ]
                     if kind == "bgee"
                     else []
                 )
