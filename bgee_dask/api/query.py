@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import xarray as xr
 
 from bgee_dask._runtime import OncePerProcess, cpu_count, current_client
@@ -33,6 +32,7 @@ from bgee_dask.schema import CANONICAL_COLUMNS, DERIVED_COLUMNS, BgeeInputError,
 
 if TYPE_CHECKING:
     import anndata
+    import scipy.sparse as sp
 
 #: Partials merged per combine task of the tree reduction.
 FAN_IN = 8
@@ -101,12 +101,16 @@ class Query:
 
                 progress(futures)
             return tuple(client.gather(futures))
+        # Dask's threaded scheduler named by its function: named by a string, dask imports
+        # distributed to look for a client, which this method has done already.
+        from dask.threaded import get as threaded_get
+
         if self.progress:
             from dask.diagnostics import ProgressBar
 
             with ProgressBar(out=sys.stderr):
-                return dask.compute(*values, scheduler="threads", num_workers=cpu_count())
-        return dask.compute(*values, scheduler="threads", num_workers=cpu_count())
+                return dask.compute(*values, scheduler=threaded_get, num_workers=cpu_count())
+        return dask.compute(*values, scheduler=threaded_get, num_workers=cpu_count())
 
     # -- results ---------------------------------------------------------------------------
     def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -279,6 +283,7 @@ def _gene_map_args(gene_maps: list[np.ndarray], tasks: list) -> list:
 
 
 def _coo_block(loc, task, expr, gene_map, n_genes):
+    import scipy.sparse as sp  # here and in _stack_csr: aggregations never need scipy
     import sparse
 
     _, indptr, indices, data = blocks.extract_block(loc, task, expr, [], gene_map, n_genes)
@@ -306,6 +311,8 @@ def _concat_obs(frames, cols) -> pd.DataFrame:
 
 
 def _stack_csr(pieces, n_genes: int) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
     mats = [sp.csr_matrix((d, i, p), shape=(len(p) - 1, n_genes)) for p, i, d in pieces if len(p) > 1]
     if not mats:
         return sp.csr_matrix((0, n_genes), dtype=np.float32)
