@@ -165,11 +165,9 @@ def combine(parts: Sequence[Partial]) -> Partial:
     for p in parts:
         for k in p.keys:
             index.setdefault(k, len(index))
-    first = parts[0]
-    out = Partial(list(index), {})
-    for name, v in first.values.items():
-        spec = INTERMEDIATES[name]
-        out.values[name] = np.full((len(index), v.shape[1]), spec.identity, dtype=spec.dtype)
+    first = parts[0].values
+    n_experiments, n_genes = first[COUNTS].shape[1], next((v.shape[1] for n, v in first.items() if n != COUNTS), 0)
+    out = Partial(list(index), allocate(list(first), len(index), n_experiments, n_genes))
     for p in parts:
         rows = np.fromiter((index[k] for k in p.keys), dtype=np.int64, count=len(p.keys))
         for name, acc in out.values.items():
