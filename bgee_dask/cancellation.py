@@ -27,10 +27,6 @@ class Cancelled(Exception):
         super().__init__(f"interrupted by {name}")
 
 
-def cancel_requested() -> bool:
-    return _REQUESTED.is_set()
-
-
 def check_cancelled() -> None:
     """Raise :class:`Cancelled` when a stop was requested."""
     if _REQUESTED.is_set():

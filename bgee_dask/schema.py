@@ -149,7 +149,7 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def detect_layout(obs_columns: list[str], top_keys: set[str], uns_keys: set[str], layer_keys: set[str]) -> str:
+def detect_layout(obs_columns: list[str], uns_keys: set[str], layer_keys: set[str]) -> str:
     """Name the layout from the signs listed in Bgee's writer history.
 
     Raises ``ValueError`` (without a path; the caller adds it) when no known layout fits, rather

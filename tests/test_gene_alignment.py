@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from bgee_dask.catalog.gene_alignment import align_genes
+from bgee_dask.catalog.gene_alignment import align_gene_codes
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """Per row of the genes table: its key, its symbol, and whether the key came from its symbol."""
+
+    gene_key: np.ndarray
+    gene_symbol: np.ndarray  # a symbol-named row keeps its name here once its key is an id
+    by_symbol: np.ndarray  # bool
+
+
+def align_genes(
+    experiment: np.ndarray, species: np.ndarray, gene_id: np.ndarray, gene_symbol: np.ndarray | None
+) -> GeneAlignment:
+    """``align_gene_codes`` on text: numbers the names and symbols first, then names the answer back."""
+    gene_id = np.asarray(gene_id, dtype=object)
+    n = len(gene_id)
+    symbols = np.full(n, None, dtype=object) if gene_symbol is None else np.asarray(gene_symbol, dtype=object)
+    # one numbering for names and symbols, so that "this name is that symbol" is an integer test
+    codes, values = pd.factorize(np.concatenate([gene_id, symbols]), use_na_sentinel=True)
+    key, symbol, by_symbol = align_gene_codes(
+        pd.factorize(np.asarray(experiment, dtype=object))[0],
+        pd.factorize(np.asarray(species, dtype=object))[0],
+        codes[:n],
+        codes[n:],
+    )
+    values = np.asarray(values, dtype=object)
+    named = np.full(n, None, dtype=object)
+    named[symbol >= 0] = values[symbol[symbol >= 0]]
+    return GeneAlignment(values[key], named, by_symbol)
+
 
 # (experiment, species, gene_id, gene_symbol): e1/e2 name genes by id, s1/s2 by symbol, m1 is another species
 ROWS = [

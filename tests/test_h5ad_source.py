@@ -291,13 +291,13 @@ def test_b_layout_recognised_by_columns_without_layers(tmp_path):
 
 def test_detect_layout_rules():
     doc = list(mi.CANONICAL[:-1])
-    assert detect_layout(doc, set(), set(), set()) == "doc"
-    assert detect_layout(doc, set(), set(), {"abundance"}) == "B"
-    assert detect_layout([*doc, "anatId"], set(), set(), set()) == "C"
-    assert detect_layout(["barcode", "tissue_ontology_term_id"], set(), set(), set()) == "D"
-    assert detect_layout(["barcode"], set(), {"schema_version"}, set()) == "D"
+    assert detect_layout(doc, set(), set()) == "doc"
+    assert detect_layout(doc, set(), {"abundance"}) == "B"
+    assert detect_layout([*doc, "anatId"], set(), set()) == "C"
+    assert detect_layout(["barcode", "tissue_ontology_term_id"], set(), set()) == "D"
+    assert detect_layout(["barcode"], {"schema_version"}, set()) == "D"
     with pytest.raises(ValueError, match="unknown layout"):
-        detect_layout(["cell", "batch"], set(), set(), set())
+        detect_layout(["cell", "batch"], set(), set())
 
 
 def test_parse_bgee_filename():

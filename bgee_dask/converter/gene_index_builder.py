@@ -65,7 +65,6 @@ class GeneIndexBuilder:
         self.dtype = np.dtype(dtype)
         self.codec, self.index_codec, self.executor = codec, index_codec, executor
         self.spill_dir, self.bucket_nnz = spill_dir, bucket_nnz
-        self.bytes_written = 0
 
     def begin(self, dest_indptr: np.ndarray, gene_nnz: np.ndarray) -> None:
         self._matrix: InMemoryMatrix | None = None
@@ -134,7 +133,6 @@ class GeneIndexBuilder:
                 "complete": True,
             }
             consolidate(self.store)
-            self.bytes_written = cells_array.nbytes_stored() + data_array.nbytes_stored()
         finally:
             self.discard()
 

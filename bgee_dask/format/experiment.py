@@ -54,7 +54,6 @@ class ExperimentStore:
 
     def __init__(self, store: zarr.abc.store.Store, name: str = ""):
         self.name = name or str(store)
-        self._store = store
         self.group: zarr.Group = open_root(store, self.name)
         self.attrs: dict = dict(self.group.attrs.get(ATTRS_KEY, {}))
         if self.attrs.get("format") != FORMAT_NAME:

@@ -404,13 +404,6 @@ class AtlasLocation:
         frame.to_parquet(buf, index=False)
         self.write_bytes(rel, buf.getvalue())
 
-    def write_arrow_parquet(self, rel: str, table: pa.Table) -> None:
-        """Without column statistics: nothing here filters row groups by them, and for dictionary
-        text computing them was most of the writing."""
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, write_statistics=False)
-        self.write_bytes(rel, buf.getvalue().to_pybytes())
-
     def read_parquet(self, rel: str) -> pd.DataFrame:
         # pq.ParquetFile, not pd.read_parquet: the latter goes through pyarrow.dataset, whose import would
         # delay a query's first planning in a process

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import uuid
 
-CATALOG = "catalog"
 HEADER = "catalog/atlas.json"
 TABLES = "catalog/tables"
 FRAGMENTS = "catalog/fragments"

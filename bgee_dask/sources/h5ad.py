@@ -119,7 +119,6 @@ class H5adSource:
         on_matrix: Callable[[H5adSource], Callable[[], None] | None] | None,
     ) -> None:
         f = self.file
-        top = set(f.keys())
         if "X" not in f:
             raise _fail(self.path, "no X matrix")
         if "obs" not in f or "var" not in f:
@@ -135,7 +134,7 @@ class H5adSource:
             self.var = read_frame(f["var"])
             var_shape = (list(self.var.columns), len(self.var))
         try:
-            self.layout = detect_layout(obs_shape[0], top, uns, layers)
+            self.layout = detect_layout(obs_shape[0], uns, layers)
         except ValueError as exc:
             raise _fail(self.path, str(exc)) from None
         self.n_obs, self.n_vars = obs_shape[1], var_shape[1]
