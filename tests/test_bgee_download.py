@@ -31,7 +31,7 @@ from bgee_dask.bgee import transfer as transfer_module
 from bgee_dask.bgee.annotation import read_annotation
 from bgee_dask.bgee.download import run_download
 from bgee_dask.bgee.releases import absolute_url, parse_releases
-from bgee_dask.catalog.annotations import read_experiment_annotations, read_library_annotations
+from bgee_dask.catalog.annotations import read_experiment_annotations
 from bgee_dask.cli import _parser, main
 from bgee_dask.format.location import AtlasLocation
 
@@ -517,14 +517,15 @@ def test_atlas_converts_on_arrival_and_answers_like_anndata(ftp, capsys, tmp_pat
     np.testing.assert_allclose(one["sum"].values[0], np.asarray(a.X.sum(axis=0)).ravel(), rtol=1e-9)
 
     # Bgee's annotations are in the catalog
-    loc = AtlasLocation(atlas_dir)
-    notes = read_experiment_annotations(loc)
+    notes = atlas.annotations()
     assert notes["experimentId"].tolist() == MOUSE
     assert notes["name"].tolist() == [EXPERIMENT_NAMES[e] for e in MOUSE]
     assert notes["library_count"].tolist() == [LIBRARIES[e] for e in MOUSE]
     assert notes["data_source_url"].tolist() == [f"https://www.ncbi.nlm.nih.gov/sra/?term={e}" for e in MOUSE]
     assert set(notes["species"]) == {"Mus_musculus"} and set(notes["release"]) == {"15.2"}
-    libraries = read_library_annotations(loc)
+    libraries = atlas.annotations(of="libraries")
+    with pytest.raises(ValueError, match="choose 'experiments' or 'libraries'"):
+        atlas.annotations(of="genes")
     for e, ref in refs.items():
         rows = libraries[libraries["experimentId"] == e]
         assert set(rows["libraryId"]) == set(ref.obs["libID"].astype(str))

@@ -311,6 +311,10 @@ def test_selective_filter_reads_only_matching_experiments(atlas):
     assert len(q.plan.tasks) == 1
 
 
+def test_an_atlas_not_downloaded_from_bgee_has_no_bgee_annotations(atlas):
+    assert atlas.annotations().empty and atlas.annotations(of="libraries").empty
+
+
 def test_empty_selection_gives_empty_dataset(atlas):
     ds = atlas.query("cellTypeId == 'CL:9999999'").aggregate(by="cellTypeId")
     assert ds.sizes["group"] == 0

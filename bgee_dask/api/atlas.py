@@ -10,6 +10,7 @@ import pandas as pd
 
 from bgee_dask.api.expression import expression
 from bgee_dask.api.query import Query
+from bgee_dask.catalog.annotations import read_experiment_annotations, read_library_annotations
 from bgee_dask.catalog.reader import AtlasCatalog
 from bgee_dask.format.location import AtlasLocation
 from bgee_dask.query.names import column_values, queryable_columns
@@ -62,6 +63,19 @@ class Atlas:
         """The values of a cell metadata column, with their names (for ids), cell and experiment counts."""
         check_columns(self.catalog, [column], "values")
         return column_values(Query(self.catalog, filter=filter, genes=[], client=client), column)
+
+    def annotations(self, of: str = "experiments") -> pd.DataFrame:
+        """Bgee's own annotation, stored by ``bgee-dask download``; an empty frame for other atlases.
+
+        ``of="experiments"``: one row per experiment (name, description, library count, source,
+        release). ``of="libraries"``: one row per library and annotated sample (protocol,
+        sequencing, cell counts). ``ValueError`` for anything else.
+        """
+        if of == "experiments":
+            return read_experiment_annotations(self.location)
+        if of == "libraries":
+            return read_library_annotations(self.location)
+        raise ValueError(f"annotations of {of!r}: choose 'experiments' or 'libraries'")
 
     @property
     def columns(self) -> list[str]:
