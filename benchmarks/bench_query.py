@@ -621,9 +621,9 @@ def run_child(kind: str, args: dict[str, Any], log_path: Path, timeout: float) -
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--args", json.dumps(args)]
-    env = None
+    env = {**os.environ, **args.get("env", {})}
     if args.get("pythonpath"):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args["pythonpath"], os.environ.get("PYTHONPATH", "")])}
+        env["PYTHONPATH"] = os.pathsep.join([args["pythonpath"], os.environ.get("PYTHONPATH", "")])
     t0 = time.perf_counter()
     with open(log_path, "w") as err:
         try:
@@ -872,6 +872,25 @@ def run_all(args, log) -> dict[str, Any]:
             ("selective", "bgee-dask (threads, in-process)", "bgee", {**a_sel, "mode": "threads"}, store_paths, 900),
             ("genes", "bgee-dask (threads, in-process)", "bgee", {**a_gsl, "mode": "threads"}, gene_paths, 900),
         ]
+    zarrs = {"env": {"ZARR_CODEC_PIPELINE__PATH": "zarrs.ZarrsCodecPipeline"}}
+    if "bgee-zarrs" in c:
+        plan += [
+            ("full", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_full, "mode": "cluster", **zarrs},
+             store_paths, 1800),
+            ("selective", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_sel, "mode": "cluster", **zarrs},
+             store_paths, 900),
+            ("genes", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_gsl, "mode": "cluster", **zarrs},
+             gene_paths, 900),
+        ]
+    if "bgee-threads-zarrs" in c:
+        plan += [
+            ("full", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_full, "mode": "threads", **zarrs},
+             store_paths, 1800),
+            ("selective", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_sel, "mode": "threads", **zarrs},
+             store_paths, 900),
+            ("genes", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_gsl, "mode": "threads", **zarrs},
+             gene_paths, 900),
+        ]
     if args.baseline:
         base = os.path.abspath(args.baseline)
         base_atlas = ensure_baseline_atlas(manifest, base, log)
@@ -892,7 +911,7 @@ def run_all(args, log) -> dict[str, Any]:
                             timeout,
                         )
                     ]
-                    if kind == "bgee"
+                    if kind == "bgee" and "env" not in cargs
                     else []
                 )
             )
@@ -912,6 +931,14 @@ def run_all(args, log) -> dict[str, Any]:
                 "floor: read+decode X, zarr slicing",
                 "floor",
                 {"stores": store_paths, "mode": "zarr"},
+                store_paths,
+                1800,
+            ),
+            (
+                "full",
+                "floor: read+decode X, zarr slicing, zarrs",
+                "floor",
+                {"stores": store_paths, "mode": "zarr", **zarrs},
                 store_paths,
                 1800,
             ),
@@ -1203,18 +1230,15 @@ def evaluate_targets(rows, ref, floor, find, qs) -> list[dict[str, Any]]:
     for r in rows:
         if not r["contender"].startswith("baseline: ") or not r.get("work_s"):
             continue
-        mine = find(r["query"], r["contender"].removeprefix("baseline: "))
-        if not mine:
-            continue
-        for key, what in (("work_s", ""), ("warm_s", ", warm")):
-            if mine.get(key) and r.get(key):
-                ratio = mine[key] / r[key]
-                add(
-                    f"{r['query']}{what}: {r['contender'].removeprefix('baseline: ')} / baseline",
-                    ratio,
-                    "<= 1.2x",
-                    ratio <= 1.2,
-                )
+        label = r["contender"].removeprefix("baseline: ")
+        for mine_label in (label, label.replace("bgee-dask (", "bgee-dask, zarrs (")):
+            mine = find(r["query"], mine_label)
+            if not mine:
+                continue
+            for key, what in (("work_s", ""), ("warm_s", ", warm")):
+                if mine.get(key) and r.get(key):
+                    ratio = mine[key] / r[key]
+                    add(f"{r['query']}{what}: {mine_label} / baseline", ratio, "<= 1.2x", ratio <= 1.2)
     peaks = [
         r["worker_peak_rss_mb_max"]
         for r in rows
@@ -1361,8 +1385,9 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument(
         "--contenders",
-        default="bgee,bgee-threads,floor,scanpy,lazy,soma",
-        help="comma-separated subset of bgee,bgee-threads,floor,scanpy,lazy,soma",
+        default="bgee,bgee-threads,bgee-zarrs,bgee-threads-zarrs,floor,scanpy,lazy,soma",
+        help="comma-separated subset of bgee,bgee-threads,bgee-zarrs,bgee-threads-zarrs,floor,scanpy,lazy,soma "
+        "(the -zarrs ones: with the zarrs codec pipeline)",
     )
     p.add_argument("--report", action="store_true", help="only re-render the markdown from the saved JSON")
     p.add_argument(

@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from bgee_dask._version import __version__
 
-__all__ = ["Atlas", "BgeeInputError", "StorageAccessError", "__version__", "check", "convert", "open_atlas"]
+__all__ = [
+    "Atlas",
+    "BgeeInputError",
+    "StorageAccessError",
+    "__version__",
+    "check",
+    "convert",
+    "open_atlas",
+    "use_codec_pipeline",
+]
 
 _LAZY = {
     "convert": ("bgee_dask.api.convert", "convert"),
@@ -19,12 +28,14 @@ _LAZY = {
     "BgeeInputError": ("bgee_dask.schema", "BgeeInputError"),
     "StorageAccessError": ("bgee_dask.format.location", "StorageAccessError"),
     "check": ("bgee_dask.catalog.check", "check"),
+    "use_codec_pipeline": ("bgee_dask.format.codec_pipeline", "use_codec_pipeline"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from bgee_dask.api.atlas import Atlas, open_atlas
     from bgee_dask.api.convert import convert
     from bgee_dask.catalog.check import check
+    from bgee_dask.format.codec_pipeline import use_codec_pipeline
     from bgee_dask.format.location import StorageAccessError
     from bgee_dask.schema import BgeeInputError
 

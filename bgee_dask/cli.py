@@ -44,6 +44,12 @@ def _add_cluster_options(
             "--jobs", type=int, default=None, metavar="N", help="batch jobs to start with --cluster (default 1)"
         )
     g.add_argument(
+        "--codec-pipeline",
+        choices=["zarr", "zarrs"],
+        help="decode and encode chunks with zarr's own pipeline or with zarrs (Rust, faster reads; "
+        "pip install 'bgee-dask[zarrs]'); default: zarr's configuration (ZARR_CODEC_PIPELINE__PATH)",
+    )
+    g.add_argument(
         "--memory-limit",
         metavar="SIZE",
         help="memory per worker, e.g. 2GB: each local worker's limit, or each batch job's memory with --cluster",
@@ -105,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("info", help="list the experiments of an atlas")
-    p.add_argument("atlas", metavar="ATLAS")
+    p.add_argument("atlas", metavar="ATLAS", help="atlas folder or URL (s3://bucket/prefix)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("query", help="filter cells and aggregate genes across every experiment of an atlas")
@@ -235,13 +241,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("generate", help="write synthetic Bgee-like H5AD files (for demos and benchmarks)")
-    p.add_argument("out", metavar="DIR")
-    p.add_argument("--experiments", type=int, default=4)
+    p.add_argument("out", metavar="DIR", help="folder to write the .h5ad files into (created if missing)")
+    p.add_argument("--experiments", type=int, default=4, help="files to write, one experiment each (default 4)")
     p.add_argument("--cells", type=int, default=2000, help="cells per experiment")
     p.add_argument("--genes", type=int, default=30000, help="genes in each species' universe")
     p.add_argument("--detected-genes", type=float, default=1500, help="mean detected genes per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    p.add_argument("--processes", type=int, default=1, help="files written at once (default 1)")
 
     p = sub.add_parser("demo", help="generate a small atlas, convert it and run a query (no download)")
     p.add_argument("--dir", default="bgee-demo", help="working folder (default: ./bgee-demo)")
@@ -704,6 +710,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with stop_on_signals():
+            if getattr(args, "codec_pipeline", None):
+                from bgee_dask.format.codec_pipeline import use_codec_pipeline
+
+                use_codec_pipeline(args.codec_pipeline)
             code = _COMMANDS[args.command](args)
             check_cancelled()
             return code

@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from bgee_dask.format.codec_pipeline import ENVIRONMENT_VARIABLE as CODEC_PIPELINE_VARIABLE
 
 #: Per-job defaults for job-queue clusters: one worker process with one core and 4 GB per job suits
 #: the per-block query tasks, whose memory does not grow with the atlas (a conversion task holds
@@ -125,6 +128,12 @@ def jobqueue_kwargs(kind: str, **overrides: Any) -> dict[str, Any]:
         if "--dashboard-address" not in extra:
             extra += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
         kwargs["worker_extra_args"] = extra
+    pipeline = os.environ.get(CODEC_PIPELINE_VARIABLE)
+    if pipeline:
+        # the codec pipeline this process chose; not every batch system passes the submitting
+        # environment to its jobs (PBS's qsub needs -V), so the job script sets it
+        prologue = list(kwargs.get("job_script_prologue") or _config_key(kind, "job_script_prologue") or [])
+        kwargs["job_script_prologue"] = [*prologue, f"export {CODEC_PIPELINE_VARIABLE}={shlex.quote(pipeline)}"]
     return kwargs
 
 

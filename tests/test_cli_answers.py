@@ -122,8 +122,8 @@ def test_values_and_info_commands(atlas_dir, source_obs, capsys):
 def test_every_argument_has_help():
     parser = _parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("query", "expression", "values"):
-        for action in sub.choices[name]._actions:
+    for name, command in sub.choices.items():
+        for action in command._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"{name} {action.dest}"
 

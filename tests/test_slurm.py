@@ -165,6 +165,29 @@ def test_pbs_sge_and_lsf_by_configuration(kind, directive, expected):
     assert "--dashboard-address 127.0.0.1:0" in script  # nothing off loopback with interface lo
 
 
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "sge", "lsf"])
+def test_job_scripts_carry_the_codec_pipeline_this_process_chose(kind, monkeypatch):
+    """Batch jobs decode with the pipeline the submitting process chose, even where the batch system
+    does not pass the environment on (PBS without -V)."""
+    line = "export ZARR_CODEC_PIPELINE__PATH=zarrs.ZarrsCodecPipeline"
+    scripts = {}
+    for chosen in (None, "zarrs.ZarrsCodecPipeline"):
+        if chosen is None:
+            monkeypatch.delenv("ZARR_CODEC_PIPELINE__PATH", raising=False)
+        else:
+            monkeypatch.setenv("ZARR_CODEC_PIPELINE__PATH", chosen)
+        with dask.config.set({f"jobqueue.{kind}.job-script-prologue": ["module load python"]}):
+            cluster = make_jobqueue_cluster(kind, interface="lo")
+            try:
+                scripts[chosen] = cluster.job_script()
+            finally:
+                cluster.close()
+    assert line not in scripts[None] and "module load python" in scripts[None]
+    script = scripts["zarrs.ZarrsCodecPipeline"]
+    assert "module load python" in script  # the site's prologue is kept, ours comes after it
+    assert script.index("module load python") < script.index(line) < script.index("distributed.cli.dask_worker")
+
+
 def test_jobqueue_defaults_and_overrides():
     from bgee_dask.cluster import JOBQUEUE_DEFAULTS, jobqueue_kwargs
 
