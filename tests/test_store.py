@@ -19,6 +19,7 @@ import bgee_dask.format.layout as layout
 from bgee_dask.converter.array_writer import ShardedArrayWriter
 from bgee_dask.converter.reorder import stream_sorted
 from bgee_dask.converter.runs import runs_table
+from bgee_dask.format.codec_pipeline import codec_pipeline_in_use
 from bgee_dask.format.layout import DEFAULT_CODEC, BloscSettings
 from bgee_dask.sources.h5ad import H5adSource
 
@@ -197,8 +198,19 @@ def test_spill_path_writes_the_same_store(tmp_path, monkeypatch, fmt, spill):
     a, b = _files(mem), _files(spilled)
     assert len([k for k in a if k.startswith("X/data/c/")]) > 3
     assert a.keys() == b.keys()
+    # zarrs's Blosc compresses a chunk's blocks on several threads and stores them in the order they
+    # finish: the same values, not the same bytes. zarr's own pipeline writes the same bytes.
+    same_bytes = codec_pipeline_in_use() == "zarr"
     for key in a:
-        assert a[key] == b[key], f"{key} differs between the in-memory and spill paths"
+        if same_bytes or "/c/" not in key:
+            assert a[key] == b[key], f"{key} differs between the in-memory and spill paths"
+    compared = set()
+    for name, array in zarr.open_group(mem, mode="r").members(max_depth=None):
+        if isinstance(array, zarr.Array):
+            other = zarr.open_array(spilled / name, mode="r")
+            np.testing.assert_array_equal(array[...], other[...], err_msg=name)
+            compared.add(name)
+    assert {"X/indptr", "X/indices", "X/data"} <= compared
     sa, sb = ad.read_zarr(mem), ad.read_zarr(spilled)
     pd.testing.assert_frame_equal(sa.obs, sb.obs)
     pd.testing.assert_frame_equal(sa.var, sb.var)
