@@ -3,9 +3,8 @@
 zarr picks an array's codec pipeline from its configuration (``codec_pipeline.path``) when the
 array is opened. The stores are the same either way; only the speed differs: the ``zarrs``
 pipeline (``pip install 'bgee-dask[zarrs]'``) decodes the X arrays of a query on several
-threads in Rust (figures in ``benchmarks/README.md``). Arrays zarrs does not handle (text
-columns, stores it cannot open itself, such as S3 through fsspec) go to zarr's own pipeline;
-zarrs warns once for a store it cannot open.
+threads in Rust (figures in ``benchmarks/README.md``). zarrs hands to zarr's own pipeline what
+it does not handle: text columns, and stores it cannot open itself, such as S3 through fsspec.
 
 zarr's configuration is process-global, so the choice is made once per process, before any
 array opens, never switched around a single open: another thread opening an array meanwhile
