@@ -278,12 +278,14 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         out["bgee_dask_file"] = bgee_dask.__file__
         out["store_bytes"] = sum(r.bytes or 0 for r in reports)
     elif kind == "bgee_cli":
-        # The command as users run it: the console script's entry point, with its defaults.
-        from bgee_dask.cli import run
+        # The command as users run it: the console script's entry point, with its defaults
+        # (``run`` in checkouts whose entry point was not ``main``).
+        import bgee_dask.cli as cli
 
+        entry_point = getattr(cli, "run", cli.main)
         t_work = time.perf_counter()
         argv = ["convert", *args["files"], "--out", args["out"], *args.get("options", [])]
-        code = run(argv)
+        code = entry_point(argv)
         if code != 0:
             raise RuntimeError(f"bgee-dask {' '.join(argv[:1])} exited {code}")
         import bgee_dask

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -733,19 +732,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """The console script's entry point: ``main``, then an exit without a last garbage collection.
-
-    ``gc.freeze()`` hides the heap pandas, zarr, numba and dask leave from the collection the
-    interpreter runs at exit; the process ends right after. ``main`` does not freeze: tests and
-    notebooks call it and go on. That collection would only walk objects the process is about to
-    drop anyway, a noticeable part of a short command such as a selective ``bgee-dask query``.
-    """
-    code = main(sys.argv[1:] if argv is None else list(argv))
-    gc.freeze()
-    return code
-
-
 def _is_storage_library_error(exc: BaseException) -> bool:
     """Errors of the object-store stack (botocore, aiohttp, fsspec): the user's setup, not a bug."""
     modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
@@ -753,4 +739,4 @@ def _is_storage_library_error(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    sys.exit(main())

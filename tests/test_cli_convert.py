@@ -202,21 +202,6 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert info.value.code == 2
 
 
-def test_console_entry_point_returns_main_status_and_freezes_the_heap(tmp_path, capsys):
-    """``run`` (the installed command) gives ``main``'s exit status and leaves the heap frozen for the exit."""
-    import gc
-
-    from bgee_dask.cli import run
-
-    assert gc.get_freeze_count() == 0
-    try:
-        assert run(["info", str(tmp_path / "no-atlas")]) == main(["info", str(tmp_path / "no-atlas")]) == 2
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-    capsys.readouterr()
-
-
 def _cli() -> list[str]:
     exe = Path(sys.executable).with_name("bgee-dask")
     if exe.exists():

@@ -65,7 +65,7 @@ def test_every_deploy_file_is_documented():
 
 def test_package_metadata_agrees_with_version_module():
     assert PYPROJECT["project"]["version"] == __version__ == bgee_dask.__version__
-    assert PYPROJECT["project"]["scripts"]["bgee-dask"] == "bgee_dask.cli:run"
+    assert PYPROJECT["project"]["scripts"]["bgee-dask"] == "bgee_dask.cli:main"
     assert {"s3", "hpc"} <= set(PYPROJECT["project"]["optional-dependencies"])
 
 

@@ -187,8 +187,8 @@ SPILLING_CONVERT = """
 import functools, sys
 import bgee_dask.api.convert as c
 c.convert_file = functools.partial(c.convert_file, in_memory_nnz=20_000)  # force the spill path
-from bgee_dask.cli import run
-sys.exit(run(["convert", sys.argv[1], "--out", sys.argv[2], "--tmp-dir", sys.argv[3], "--workers", "1",
+from bgee_dask.cli import main
+sys.exit(main(["convert", sys.argv[1], "--out", sys.argv[2], "--tmp-dir", sys.argv[3], "--workers", "1",
               "--no-progress"]))
 """
 
