@@ -283,8 +283,8 @@ def write_experiment(
         _write_anndata_elements(root, elements)
         del obs, elements
         if source.n_obs >= COLLECT_OBS_CELLS:
-            # pandas frames hold reference cycles, and a conversion runs with the cyclic collector
-            # paused: collect now, then hand the freed heap back, before the matrix needs its memory.
+            # pandas frames hold reference cycles, which wait for the collector's rare full
+            # collection: collect now, then hand the freed heap back, before the matrix needs it.
             gc.collect()
             release_free_heap()
         x = root.create_group("X")
