@@ -873,24 +873,18 @@ def run_all(args, log) -> dict[str, Any]:
             ("genes", "bgee-dask (threads, in-process)", "bgee", {**a_gsl, "mode": "threads"}, gene_paths, 900),
         ]
     zarrs = {"env": {"ZARR_CODEC_PIPELINE__PATH": "zarrs.ZarrsCodecPipeline"}}
-    if "bgee-zarrs" in c:
-        plan += [
-            ("full", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_full, "mode": "cluster", **zarrs},
-             store_paths, 1800),
-            ("selective", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_sel, "mode": "cluster", **zarrs},
-             store_paths, 900),
-            ("genes", "bgee-dask, zarrs (LocalCluster 2x1, 2GB)", "bgee", {**a_gsl, "mode": "cluster", **zarrs},
-             gene_paths, 900),
-        ]
-    if "bgee-threads-zarrs" in c:
-        plan += [
-            ("full", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_full, "mode": "threads", **zarrs},
-             store_paths, 1800),
-            ("selective", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_sel, "mode": "threads", **zarrs},
-             store_paths, 900),
-            ("genes", "bgee-dask, zarrs (threads, in-process)", "bgee", {**a_gsl, "mode": "threads", **zarrs},
-             gene_paths, 900),
-        ]
+    queries = (
+        ("full", a_full, store_paths, 1800),
+        ("selective", a_sel, store_paths, 900),
+        ("genes", a_gsl, gene_paths, 900),
+    )
+    for name, mode, where in (
+        ("bgee-zarrs", "cluster", "LocalCluster 2x1, 2GB"),
+        ("bgee-threads-zarrs", "threads", "threads, in-process"),
+    ):
+        if name in c:
+            label = f"bgee-dask, zarrs ({where})"
+            plan += [(q, label, "bgee", {**a, "mode": mode, **zarrs}, files, t) for q, a, files, t in queries]
     if args.baseline:
         base = os.path.abspath(args.baseline)
         base_atlas = ensure_baseline_atlas(manifest, base, log)
