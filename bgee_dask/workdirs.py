@@ -9,6 +9,7 @@ dies: :func:`sweep_stale` removes exactly the folders whose lock nobody holds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -30,6 +31,25 @@ def private_dir(purpose: str, parent: str | None = None) -> Iterator[str]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
         os.close(fd)
+
+
+def require_free_space(parent: str | None, need: int, what: str) -> None:
+    """``OSError`` (``ENOSPC``, one line) unless ``parent`` (default: system temp) has ``need`` bytes free.
+
+    For work that would otherwise fill the disk after hours, and fail on a file it did not name.
+    """
+    where = parent or tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{what} need about {_size(need)} in {where}, which has {_size(free)} free: "
+            "point --tmp-dir (tmp_dir=) at a larger folder",
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def flock_held(path: str) -> bool | None:

@@ -169,8 +169,10 @@ def test_disk_full_names_each_file_and_leaves_a_consistent_atlas(small_disk, bge
     if converted:
         assert report is not None and report.clean, [f.line() for f in report.findings]
         for r in converted:
-            sums = bd.open_atlas(atlas).query(f"experimentId == '{r.experiment_id}'").aggregate(
-                by="experimentId", stats=["sum"]
+            sums = (
+                bd.open_atlas(atlas)
+                .query(f"experimentId == '{r.experiment_id}'")
+                .aggregate(by="experimentId", stats=["sum"])
             )
             assert float(np.nansum(sums["sum"].values)) == _total(r.source)
     assert not [p for p in atlas.rglob("*") if ".tmp-" in p.name]
@@ -180,6 +182,41 @@ def test_disk_full_names_each_file_and_leaves_a_consistent_atlas(small_disk, bge
     again = bd.convert(files, tmp_path / "atlas", workers=1, progress=False)
     assert all(r.ok for r in again), [r.line() for r in again]
     assert bd.check(tmp_path / "atlas").clean
+
+
+def test_a_spill_folder_too_small_fails_the_file_at_once_saying_how_much_it_needs(
+    small_disk, bgee_sources, tmp_path, monkeypatch
+):
+    """A file too large to reorder in memory, spilling to a 6 MB folder: one line before any work."""
+    import bgee_dask.api.convert as conv
+    from bgee_dask.converter.writer import spill_bytes
+    from bgee_dask.sources.h5ad import H5adSource
+
+    real_convert_file = conv.convert_file
+    monkeypatch.setattr(conv, "convert_file", lambda *a, **k: real_convert_file(*a, in_memory_nnz=0, **k))
+    src = bgee_sources["SRPT00001"]
+    with H5adSource(src) as source:
+        need = spill_bytes(source, gene_index=True)
+    assert need == 2702861 * 12  # each value: its cell and gene (int32) and itself (float32)
+    t0 = time.monotonic()
+    (r,) = bd.convert([src], tmp_path / "atlas", workers=1, progress=False, tmp_dir=str(small_disk))
+    assert r.status == "failed"
+    assert r.message.startswith(str(src)) and "\n" not in r.message
+    assert "No space left" not in r.message  # not found out by filling the disk
+    assert f"need about 32 MB in {small_disk}, which has 6 MB free" in r.message, r.message
+    assert "--tmp-dir" in r.message
+    assert time.monotonic() - t0 < 30
+    assert not list(small_disk.iterdir())  # nothing spilled
+    assert not list((tmp_path / "atlas").rglob("cells.zarr"))  # nor written
+
+
+def test_a_spill_write_on_a_full_disk_names_the_file_and_the_cause(small_disk):
+    from bgee_dask.converter.spill_records import append_record
+
+    path = small_disk / "bucket-000001.bin"
+    with pytest.raises(OSError, match=rf"spill file {path}: No space left on device") as info:
+        append_record(str(path), [1 << 21], [np.ones(1 << 21, dtype=np.float32)] * 2)  # 16 MB on a 6 MB disk
+    assert info.value.errno == 28
 
 
 # -- 7. SIGTERM and SIGKILL: no spill folder survives ---------------------------------------------

@@ -13,11 +13,18 @@ import numpy as np
 
 
 def append_record(path: str, counts: Sequence[int], arrays: Sequence[np.ndarray]) -> None:
-    """Append one record: ``counts`` as int64, then ``arrays`` as they are."""
-    with open(path, "ab") as fh:
-        np.asarray(counts, dtype=np.int64).tofile(fh)
-        for a in arrays:
-            a.tofile(fh)
+    """Append one record: ``counts`` as int64, then ``arrays`` as they are.
+
+    A failed write is an ``OSError`` naming the file and the cause (``ndarray.tofile`` would
+    say only how many items it wrote, even on a full disk).
+    """
+    try:
+        with open(path, "ab") as fh:
+            fh.write(np.asarray(counts, dtype=np.int64).data)
+            for a in arrays:
+                fh.write(np.ascontiguousarray(a).data)
+    except OSError as exc:
+        raise OSError(exc.errno, f"spill file {path}: {exc.strerror or exc}") from exc
 
 
 def read_records(path: str, fields: Sequence[tuple[int, np.dtype]], n_counts: int) -> list[np.ndarray]:

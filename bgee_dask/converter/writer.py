@@ -45,6 +45,7 @@ from bgee_dask.format.layout import (
 from bgee_dask.schema import DERIVED_COLUMNS, SORT_COLUMNS, value_kind
 from bgee_dask.sources import value_check
 from bgee_dask.sources.h5ad import H5adSource
+from bgee_dask.workdirs import require_free_space
 
 #: Rows per chunk of every obs and var array: a query block (at most 65,536 rows) reads one or
 #: two chunks of a column.
@@ -237,6 +238,19 @@ def decode_matrix(source: H5adSource, *, in_memory_nnz: int = IN_MEMORY_NNZ) -> 
         yield MatrixDecoding(future)  # (the decoder's exit waits for the decode)
 
 
+def spill_bytes(source: H5adSource, *, gene_index: bool) -> int:
+    """About the most a streamed conversion's spill files hold at once.
+
+    The row buckets hold each value with its cell index, plus a header per row; with the
+    gene-major copy, its gene buckets (cell, gene, value) fill as the row buckets are read back
+    and deleted, so the larger of the two is the peak.
+    """
+    nnz = source.nnz if source.nnz is not None else source.n_obs * source.n_vars
+    value = np.dtype(source.out_dtype).itemsize
+    rows = nnz * (4 + value) + 16 * source.n_obs
+    return max(rows, nnz * (8 + value)) if gene_index else rows
+
+
 def write_experiment(
     source: H5adSource,
     store: zarr.abc.store.Store,
@@ -268,6 +282,9 @@ def write_experiment(
     with contextlib.ExitStack() as stack:
         if decoding is None:
             decoding = stack.enter_context(decode_matrix(source, in_memory_nnz=in_memory_nnz))
+        if decoding.future is None:  # too large to reorder in memory: the matrix goes through spill files
+            need = spill_bytes(source, gene_index=gene_index_store is not None)
+            require_free_space(spill_dir, need, "the spill files of this conversion")
         obs = source.take_obs()
         perm = sort_order(obs)
         obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
