@@ -44,6 +44,11 @@ from bgee_dask.workdirs import private_dir
 GENE_BUCKET_NNZ = 1 << 23
 
 
+def gene_spill_bytes(nnz: int, dtype: np.dtype) -> int:
+    """The size of the gene buckets' files for a whole matrix: each value with its cell and gene."""
+    return nnz * (8 + np.dtype(dtype).itemsize)
+
+
 class GeneIndexBuilder:
     """A ``RowSink`` that writes the gene-major copy; call ``close`` after the stream ends."""
 

@@ -320,6 +320,12 @@ def _offsets(parts):
         off += int(p.indptr[-1])
 
 
+def row_spill_bytes(nnz: int, n_rows: int, out_dtype: np.dtype) -> int:
+    """The size of ``_Spill``'s files for a whole matrix: each value with its column index, and
+    each row's destination and length (the per-record headers aside)."""
+    return nnz * (4 + np.dtype(out_dtype).itemsize) + 16 * n_rows
+
+
 class _Spill:
     """One append-only file per output bucket, holding records of whole rows or row fragments."""
 

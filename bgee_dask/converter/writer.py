@@ -27,8 +27,14 @@ import zarr
 from bgee_dask._runtime import map_on, release_free_heap
 from bgee_dask.cancellation import check_cancelled
 from bgee_dask.converter.array_writer import ShardedArrayWriter, consolidate
-from bgee_dask.converter.gene_index_builder import GeneIndexBuilder
-from bgee_dask.converter.reorder import IN_MEMORY_NNZ, InMemoryMatrix, start_decoding, stream_sorted
+from bgee_dask.converter.gene_index_builder import GeneIndexBuilder, gene_spill_bytes
+from bgee_dask.converter.reorder import (
+    IN_MEMORY_NNZ,
+    InMemoryMatrix,
+    row_spill_bytes,
+    start_decoding,
+    stream_sorted,
+)
 from bgee_dask.converter.runs import runs_table
 from bgee_dask.format.layout import (
     ATTRS_KEY,
@@ -246,9 +252,8 @@ def spill_bytes(source: H5adSource, *, gene_index: bool) -> int:
     and deleted, so the larger of the two is the peak.
     """
     nnz = source.nnz if source.nnz is not None else source.n_obs * source.n_vars
-    value = np.dtype(source.out_dtype).itemsize
-    rows = nnz * (4 + value) + 16 * source.n_obs
-    return max(rows, nnz * (8 + value)) if gene_index else rows
+    rows = row_spill_bytes(nnz, source.n_obs, source.out_dtype)
+    return max(rows, gene_spill_bytes(nnz, source.out_dtype)) if gene_index else rows
 
 
 def write_experiment(

@@ -40,8 +40,7 @@ def use_codec_pipeline(name: str) -> None:
     """
     if name not in PIPELINES:
         raise ValueError(f"unknown codec pipeline {name!r}: choose one of {', '.join(PIPELINES)}")
-    module = PIPELINES[name].rsplit(".", 1)[0]
-    if importlib.util.find_spec(module.split(".")[0]) is None:
+    if importlib.util.find_spec(PIPELINES[name].split(".")[0]) is None:
         raise ValueError(f"the {name} codec pipeline is not installed: pip install 'bgee-dask[{name}]'")
     zarr.config.set({"codec_pipeline.path": PIPELINES[name]})
     os.environ[ENVIRONMENT_VARIABLE] = PIPELINES[name]
