@@ -468,3 +468,25 @@ def test_failed_open_stops_the_callers_reading_before_closing(tmp_path, bgee_sou
     with pytest.raises(BgeeInputError, match="duplicate cell names"):
         H5adSource(path, on_matrix=on_matrix)
     assert events == [("stop", 3)]
+
+
+def test_frame_reader_text_as_arrow_holds_anndatas_values(tmp_path, monkeypatch):
+    """obs is read with its text as Arrow strings, a few rows at a time (here 2): the values anndata reads."""
+    frame = pd.DataFrame(
+        {
+            "c": pd.Categorical(["b", "a", "b", "a", "b"]),
+            "x": np.arange(5, dtype=np.float32),
+            "s": ["u", "vé", "w", "", "z"],
+        },
+        index=pd.Index([f"cell-{i}" for i in range(5)], name="_index"),
+    )
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        _write_classic_frame(f, "plain", frame)
+    monkeypatch.setattr(frame_reader, "TEXT_ROWS", 2)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        got = frame_reader.read_frame(f["plain"], text_as_arrow=True)
+        want = ad.io.read_elem(f["plain"])
+    assert got["s"].dtype == "string[pyarrow]" and got.index.dtype == "string[pyarrow]"
+    assert isinstance(got["c"].dtype, pd.CategoricalDtype) and got["c"].cat.categories.dtype == object
+    assert got.index.tolist() == want.index.tolist() and got["s"].tolist() == want["s"].tolist()
+    pd.testing.assert_frame_equal(got[["c", "x"]], want[["c", "x"]], check_index_type=False)

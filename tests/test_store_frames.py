@@ -123,3 +123,24 @@ def test_compacted_text_with_missing_values_is_written_and_read_back():
         want = source[col].astype(object).where(source[col].notna(), None).tolist()
         assert got == want, col
     assert list(back.index) == list(source.index)
+
+
+@pytest.mark.parametrize("n", [3, 2 * FRAME_CHUNK_ROWS + 17])
+def test_arrow_text_is_written_as_string_arrays(n, monkeypatch):
+    """A frame whose unique text (index, cell ids) is Arrow-backed, as the converter reads it, is written
+    (a few rows converted at a time: here 1000) as the same string arrays and values as its object twin."""
+    import bgee_dask.converter.writer as writer
+
+    monkeypatch.setattr(writer, "TEXT_ROWS", 1000)
+    df = _frame(n)
+    arrow = df.astype({"unique_cell_ids": "string[pyarrow]"})
+    arrow.index = df.index.astype("string[pyarrow]")
+    group = _group_with({"obs": _compact(arrow)})
+    assert group["obs"].attrs["column-order"] == list(df.columns)
+    for key in ("_index", "unique_cell_ids"):
+        assert group["obs"][key].attrs["encoding-type"] == "string-array", key
+        assert group["obs"][key].chunks == (max(1, min(n, FRAME_CHUNK_ROWS)),), key
+    back = read_elem(group["obs"])
+    pd.testing.assert_frame_equal(
+        back.astype({"unique_cell_ids": object}), df, check_index_type=False)
+    assert back.index.astype(object).tolist() == df.index.tolist()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bgee_dask._runtime import bound_heap_growth, cpu_count, current_client, local_client
+from bgee_dask._runtime import arrow_on_system_heap, bound_heap_growth, cpu_count, current_client, local_client
 from bgee_dask._version import __version__
 from bgee_dask.cancellation import Cancelled, check_cancelled
 from bgee_dask.catalog.commit import commit_version, declared_genes, declared_runs, read_record, share_bytes, sweep
@@ -144,6 +144,7 @@ def convert_file(
 ) -> ConversionReport:
     """Convert one file into the atlas; never raises for a bad file, reports it instead."""
     bound_heap_growth()
+    arrow_on_system_heap()
     return _convert_file(
         path, loc, overwrite, threads, experiment_id, species, tmp_dir, in_memory_nnz, gene_index, progress
     )

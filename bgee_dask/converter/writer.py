@@ -146,6 +146,17 @@ def sort_order(obs: pd.DataFrame, columns: tuple[str, ...] = SORT_COLUMNS) -> np
     return np.lexsort(keys).astype(np.int64)
 
 
+def _rows_in_order(frame: pd.DataFrame, order: np.ndarray) -> pd.DataFrame:
+    """``frame.iloc[order]``, built a column at a time, each column dropped from ``frame`` once
+    copied (``frame`` is left with none): a million cells' metadata is never held twice."""
+    index = frame.index.take(order)
+    columns = {}
+    for name in list(frame.columns):
+        columns[name] = frame[name].array.take(order)
+        del frame[name]
+    return pd.DataFrame(columns, index=index)
+
+
 def _compact(frame: pd.DataFrame) -> pd.DataFrame:
     """Repeated strings become categoricals, as anndata's own writer does for Bgee files (in place).
 
@@ -154,12 +165,14 @@ def _compact(frame: pd.DataFrame) -> pd.DataFrame:
     only when told to, and older versions cannot read them).
     """
     out = frame
-    if not isinstance(out.index.dtype, np.dtype):
+    if not isinstance(out.index.dtype, (np.dtype, pd.StringDtype)):
         out.index = out.index.astype(object)
     for col in out.columns:
         s = out[col]
         if isinstance(s.dtype, pd.CategoricalDtype):
             continue
+        if isinstance(s.dtype, pd.StringDtype) and not s.isna().any() and s.nunique() >= max(2, len(s) // 2):
+            continue  # mostly unique text stays in Arrow; _write_frame writes it as a string array
         if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
             values = s.astype(object).where(s.notna(), None)
             missing = values.isna()
@@ -198,8 +211,51 @@ def _write_anndata_elements(group: zarr.Group, elements: dict[str, Any]) -> None
 
     with _anndata_writing():
         for name, value in elements.items():
-            kwargs = _frame_chunks(len(value)) if isinstance(value, pd.DataFrame) else {}
-            write_elem(group, name, value, dataset_kwargs=kwargs)
+            if isinstance(value, pd.DataFrame):
+                _write_frame(group, name, value)
+            else:
+                write_elem(group, name, value)
+
+
+#: Rows of an Arrow text column turned into Python strings at a time while it is written.
+TEXT_ROWS = 1 << 18
+
+
+def _string_array(values: pd.api.extensions.ExtensionArray | pd.Index) -> np.ndarray:
+    """Text as a numpy ``StringDType`` array (what anndata writes as a string-array), filled a slice at a time."""
+    out = np.empty(len(values), dtype=np.dtypes.StringDType())
+    for i in range(0, len(values), TEXT_ROWS):
+        out[i : i + TEXT_ROWS] = np.asarray(values[i : i + TEXT_ROWS], dtype=object)
+    return out
+
+
+def _write_frame(group: zarr.Group, name: str, frame: pd.DataFrame) -> None:
+    """``frame`` in anndata's dataframe encoding, through ``write_elem``.
+
+    Arrow-backed text columns with no missing value and the index (millions of unique cell names,
+    say) are written one at a time as string arrays, each converted from Arrow a slice at a time:
+    handed to anndata inside the frame, each would first become an array of Python strings
+    (~100 bytes a cell), all at once.
+    """
+    from anndata.io import write_elem
+
+    kwargs = _frame_chunks(len(frame))
+    text = [c for c, s in frame.items() if isinstance(s.dtype, pd.StringDtype) and not s.isna().any()]
+    text_index = isinstance(frame.index.dtype, pd.StringDtype) and frame.index.name not in frame.columns
+    if not frame.columns.is_unique or (not text and not text_index):  # anndata refuses repeated names
+        write_elem(group, name, frame, dataset_kwargs=kwargs)
+        return
+    rest = frame.drop(columns=text)
+    if text_index:  # a stand-in index, replaced below under the same key
+        rest.index = pd.RangeIndex(len(frame), name=frame.index.name)
+    write_elem(group, name, rest, dataset_kwargs=kwargs)
+    node = group[name]
+    assert isinstance(node, zarr.Group)
+    for c in text:
+        write_elem(node, str(c), _string_array(frame[c].array), dataset_kwargs=kwargs)
+    if text_index:
+        write_elem(node, str(node.attrs["_index"]), _string_array(frame.index), dataset_kwargs=kwargs)
+    node.attrs["column-order"] = [str(c) for c in frame.columns]
 
 
 #: From this many cells on, the dropped obs frames are collected before the matrix streams: a full
@@ -292,7 +348,7 @@ def write_experiment(
             require_free_space(spill_dir, need, "the spill files of this conversion")
         obs = source.take_obs()
         perm = sort_order(obs)
-        obs = _compact(obs.iloc[perm])  # the unsorted frame is dropped here
+        obs = _compact(_rows_in_order(obs, perm))
         runs = runs_table(obs)
         obs_columns = [*(str(c) for c in obs.columns), *DERIVED_COLUMNS]
         obs_kinds = {str(c): value_kind(obs[c])[0] for c in obs.columns} | dict.fromkeys(DERIVED_COLUMNS, "number")

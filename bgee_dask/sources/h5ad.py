@@ -128,7 +128,7 @@ class H5adSource:
         obs_shape, var_shape = peek_frame(f["obs"]), peek_frame(f["var"])
         raw_obs = self.var = None
         if obs_shape is None:  # not our encoding: the whole frame gives its columns and length
-            raw_obs = read_frame(f["obs"])
+            raw_obs = read_frame(f["obs"], text_as_arrow=True)
             obs_shape = (list(raw_obs.columns), len(raw_obs))
         if var_shape is None:
             self.var = read_frame(f["var"])
@@ -143,14 +143,14 @@ class H5adSource:
         if on_matrix is not None:
             self._stop_readers = on_matrix(self)
         if raw_obs is None:
-            raw_obs = read_frame(f["obs"])
+            raw_obs = read_frame(f["obs"], text_as_arrow=True)
         if self.var is None:
             self.var = read_frame(f["var"])
-        if raw_obs.index.has_duplicates:
-            dups = raw_obs.index[raw_obs.index.duplicated()].unique()[:3].tolist()
+        dups = _repeated(raw_obs.index)
+        if dups:
             raise _fail(self.path, f"duplicate cell names in obs (e.g. {dups})")
-        if self.var.index.has_duplicates:
-            dups = self.var.index[self.var.index.duplicated()].unique()[:3].tolist()
+        dups = _repeated(self.var.index)
+        if dups:
             raise _fail(self.path, f"duplicate gene ids in var (e.g. {dups})")
         self.obs = self._canonical_obs(raw_obs, experiment_id, species)
 
@@ -439,6 +439,19 @@ def _read_maybe_into(reader: ChunkedReader, start: int, stop: int, out: np.ndarr
     return reader.read(start, stop), False
 
 
+def _repeated(index: pd.Index, n: int = 3) -> list:
+    """Up to ``n`` values that occur more than once in ``index``.
+
+    Hashes the index's own array: pandas' ``Index.has_duplicates`` builds (and keeps) a lookup
+    table of Python strings for an Arrow-backed index, ~100 bytes a cell.
+    """
+    codes, uniques = index.factorize()
+    if len(uniques) == int((codes >= 0).sum()):
+        return []
+    repeated = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(uniques)) > 1)[:n]
+    return [uniques[i] for i in repeated]
+
+
 def _text_of(value: object) -> str | None:
     """A canonical text column's value as text: numbers written as numbers (129.0 -> "129"), NaN missing."""
     if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
@@ -487,6 +500,11 @@ def _compact_strings(obs: pd.DataFrame) -> pd.DataFrame:
     """
     for col in obs.columns:
         s = obs[col]
+        if isinstance(s.dtype, pd.StringDtype):
+            codes, uniques = pd.factorize(s, sort=True)  # no Python string per cell
+            if len(uniques) < max(2, len(s) // 2):
+                obs[col] = pd.Categorical.from_codes(codes, categories=pd.Index(np.asarray(uniques, dtype=object)))
+            continue
         if s.dtype != object:
             continue
         non_null = s.dropna()
