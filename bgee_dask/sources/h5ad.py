@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute
 from pandas.api.types import infer_dtype
 
 from bgee_dask.schema import (
@@ -443,8 +445,12 @@ def _repeated(index: pd.Index, n: int = 3) -> list:
     """Up to ``n`` values that occur more than once in ``index``.
 
     Hashes the index's own array: pandas' ``Index.has_duplicates`` builds (and keeps) a lookup
-    table of Python strings for an Arrow-backed index, ~100 bytes a cell.
+    table of Python strings for an Arrow-backed index, ~100 bytes a cell. Arrow text is first
+    only counted, which needs no copy of the names.
     """
+    arrow = isinstance(index.dtype, pd.StringDtype) and index.dtype.storage == "pyarrow"
+    if arrow and pa.compute.count_distinct(pa.array(index.array), mode="all").as_py() == len(index):
+        return []
     codes, uniques = index.factorize()
     if len(uniques) == int((codes >= 0).sum()):
         return []
@@ -500,12 +506,7 @@ def _compact_strings(obs: pd.DataFrame) -> pd.DataFrame:
     """
     for col in obs.columns:
         s = obs[col]
-        if isinstance(s.dtype, pd.StringDtype):
-            codes, uniques = pd.factorize(s, sort=True)  # no Python string per cell
-            if len(uniques) < max(2, len(s) // 2):
-                obs[col] = pd.Categorical.from_codes(codes, categories=pd.Index(np.asarray(uniques, dtype=object)))
-            continue
-        if s.dtype != object:
+        if s.dtype != object:  # Arrow strings among them: compact already; the writer picks their encoding
             continue
         non_null = s.dropna()
         if not all(isinstance(v, str) for v in non_null.head(1000)):
