@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_TAG = "BENCH_RESULT "
-PIECE = 1 << 17  # elements per encoded piece, as the gene-major copy's inner chunks (layout.VALUES_CHUNK)
+PIECE = 1 << 17  # elements per encoded piece, as the store's inner chunks (layout.VALUES_CHUNK)
 GENE_WINDOW = 1 << 23  # gene-major values transposed at a time, as the converter does (a shard: layout.VALUES_SHARD)
 ROW_ORDER_SEED = 0  # the floors' random order of cells
 

@@ -190,7 +190,6 @@ SPILLS = {
 def test_spill_path_writes_the_same_store(tmp_path, monkeypatch, fmt, spill):
     # small shards so that the store has several, and a partial last one
     monkeypatch.setattr(layout, "VALUES_CHUNK", 256)
-    monkeypatch.setattr(layout, "ROW_VALUES_CHUNK", 512)
     monkeypatch.setattr(layout, "VALUES_SHARD", 1024)
     src = _source_file(tmp_path, fmt)
     mem = _write(src, tmp_path / "mem.zarr", None, monkeypatch)
@@ -396,7 +395,6 @@ def test_gene_index_is_the_transposed_store(tmp_path, monkeypatch, spill, unsort
     monkeypatch.setattr(gi, "GENE_BUCKET_NNZ", 211)  # many gene ranges
     if small_shards:  # many shards: genes cut by shard edges are written by both neighbours
         monkeypatch.setattr(layout, "VALUES_CHUNK", 64)
-        monkeypatch.setattr(layout, "ROW_VALUES_CHUNK", 160)
         monkeypatch.setattr(layout, "VALUES_SHARD", 320)
     src = _source_file(tmp_path, "csr")
     if unsorted:

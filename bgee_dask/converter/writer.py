@@ -371,8 +371,8 @@ def write_experiment(
         if nnz_total is None:
             nnz_total = sum(int(b.indptr[-1]) for b in source.iter_csr_blocks())
 
-        data = create_values_array(x, "data", nnz_total, out_dtype, codec, cell_major=True)
-        indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec, cell_major=True)
+        data = create_values_array(x, "data", nnz_total, out_dtype, codec)
+        indices = create_values_array(x, "indices", nnz_total, np.dtype(np.int32), index_codec)
         data_writer, indices_writer = ShardedArrayWriter(data), ShardedArrayWriter(indices)
         genes = None
         if gene_index_store is not None:

@@ -21,12 +21,8 @@ ATTRS_KEY = "bgee_dask"
 GENE_INDEX_FORMAT = "bgee-dask/gene-index"
 GENE_INDEX_VERSION = "1.0"
 
-#: Elements per inner chunk of the gene-major copy's data and indices (512 KiB of float32 before
-#: compression): a gene slice decodes whole chunks around each gene it reads.
+#: Elements per inner chunk of X/data and X/indices (512 KiB of float32 before compression).
 VALUES_CHUNK = 1 << 17
-#: Elements per inner chunk of X/data and X/indices (2 MiB of float32 before compression): scans
-#: decode whole shards, and zarr's own pipeline decodes fewer, larger chunks faster.
-ROW_VALUES_CHUNK = 1 << 19
 #: Elements per shard object of X/data and X/indices (64 inner chunks, ~8 MB compressed).
 VALUES_SHARD = 1 << 23
 #: Rows per inner chunk and per shard of X/indptr.
@@ -76,27 +72,19 @@ def row_blocks(indptr: np.ndarray, block_nnz: int = BLOCK_NNZ, max_rows: int = B
 
 
 def create_values_array(
-    group: zarr.Group,
-    name: str,
-    size: int,
-    dtype: np.dtype,
-    codec: BloscSettings = DEFAULT_CODEC,
-    *,
-    cell_major: bool = False,
+    group: zarr.Group, name: str, size: int, dtype: np.dtype, codec: BloscSettings = DEFAULT_CODEC
 ) -> zarr.Array:
-    """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above:
-    inner chunks of ``ROW_VALUES_CHUNK`` values for X (``cell_major``), ``VALUES_CHUNK`` for the copies.
+    """A 1-D array of ``size`` values (X/data, X/indices and their gene-major copies), sharded as above.
 
     Every inner chunk is stored, even one that holds only zeros (``write_empty_chunks``): the
     array is written whole, and a shard's chunks are then all present, as readers of earlier
     stores found them.
     """
-    chunk = ROW_VALUES_CHUNK if cell_major else VALUES_CHUNK
     return group.create_array(
         name,
         shape=(size,),
         dtype=dtype,
-        chunks=(chunk,),
+        chunks=(VALUES_CHUNK,),
         shards=(VALUES_SHARD,),
         compressors=codec.zarr_codec(np.dtype(dtype)),
         fill_value=0,
