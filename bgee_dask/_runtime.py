@@ -116,8 +116,8 @@ def bound_heap_growth() -> None:
 def arrow_on_system_heap() -> None:
     """Have Arrow allocate from the system's heap (malloc), as numpy does, in this process.
 
-    Earns its place: converting one 4M-cell file peaks at 1.66 GB instead of 2.10 GB (its obs
-    holds two columns of 4M unique strings). Arrow's own allocator keeps what it frees for
+    Earns its place: converting one 4M-cell file peaks at 1.46 GB instead of 2.02 GB (its obs
+    holds two columns of 4M unique strings; benchmarks/README.md, the Arrow heap A/B). Arrow's own allocator keeps what it frees for
     Arrow alone, and numpy's freed memory is no use to it either; reading, sorting and writing
     a large obs frees hundreds of MB in each, so each heap grows to the other's peak.
     """
